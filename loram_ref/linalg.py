@@ -1,0 +1,59 @@
+"""Linear-algebra primitives the initializers share: randomized SVD and subspace angles."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _orth(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the column space of ``x`` (thin QR)."""
+    return torch.linalg.qr(x).Q
+
+
+def randomized_svd(
+    a: torch.Tensor, q: int, niter: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``q`` randomized SVD ``a ≈ U·diag(S)·Vᵀ`` (Halko, Martinsson & Tropp 2011).
+
+    Algorithm 4.4 (randomized subspace iteration) followed by Algorithm 5.1 (direct SVD
+    of the projection), i.e. what ``torch.svd_lowrank(a, q, niter)`` computes (spec §2),
+    with one difference: the Gaussian test matrix comes from ``generator`` instead of
+    the global RNG. The work is done on ``aᵀ`` when ``a`` is wide (m < n), and the test
+    matrix is drawn with the same shape and order as ``torch.svd_lowrank`` does, so a
+    generator in the same state as the global RNG reproduces PEFT's ``pissa_niter_N``.
+
+    Args:
+        a: m x n floating matrix (compute dtype; callers up-cast low precision first).
+        q: number of components, no oversampling (PEFT uses q = r).
+        niter: power (subspace) iterations, each re-orthonormalized.
+        generator: source of the Gaussian test matrix.
+
+    Returns:
+        ``U`` (m x q, orthonormal columns), ``S`` (q, descending), ``V`` (n x q).
+    """
+    wide = a.shape[0] < a.shape[1]
+    x = a.mT if wide else a
+    omega = torch.randn(x.shape[1], q, dtype=x.dtype, device=x.device, generator=generator)
+    basis = _orth(x @ omega)  # HMT Alg. 4.4 step 1-2: Q = orth(A Ω)
+    for _ in range(niter):  # HMT Alg. 4.4 steps 3-6: Q = orth(A orth(Aᵀ Q))
+        basis = _orth(x.mT @ basis)
+        basis = _orth(x @ basis)
+    u_small, s, vh = torch.linalg.svd(basis.mT @ x, full_matrices=False)  # HMT Alg. 5.1
+    u = basis @ u_small
+    v = vh.mT
+    return (v, s, u) if wide else (u, s, v)
+
+
+def principal_angles(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Principal angles (radians, ascending) between the column spaces of ``u`` and ``v``.
+
+    Both inputs have orthonormal columns and the same count. Cosines are the singular
+    values of ``uᵀv``, sines those of ``v - u·uᵀv`` (Björck & Golub 1973); small angles
+    are read from the sines, which stay accurate where ``arccos`` loses half the digits
+    (Knyazev & Argentati 2002). Computed in float64.
+    """
+    u, v = u.double(), v.double()
+    proj = u.mT @ v
+    from_cos = torch.arccos(torch.linalg.svdvals(proj).clamp(-1.0, 1.0))
+    from_sin = torch.arcsin(torch.linalg.svdvals(v - u @ proj).clamp(-1.0, 1.0)).flip(0)
+    return torch.where(from_cos < torch.pi / 4, from_sin, from_cos)

@@ -1,0 +1,143 @@
+"""LoRA-DA: data-aware initialization by asymptotic analysis (spec §4; Zhang et al., arXiv 2510.24561)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .linalg import randomized_svd
+from .registry import Invariant, Statistics, register
+from .result import LoraInit
+from .stats import LoraDAStats
+from .validation import check_finite, check_positive_int, check_rank, check_scaling, check_weight, resolve_generator
+
+
+def _sym(x: torch.Tensor) -> torch.Tensor:
+    return (x + x.mT).mul_(0.5)
+
+
+def smallest_eigenvectors(
+    omega: torch.Tensor, rank: int, *, solver: str, niter: int, generator: torch.Generator
+) -> tuple[torch.Tensor, dict]:
+    """``r`` eigenvectors of the ``r`` smallest (algebraic) eigenvalues of symmetric ``omega``.
+
+    ``solver="lobpcg"`` is the code's ``torch.lobpcg(largest=False, niter)`` from a seeded
+    Gaussian start orthonormalized by QR (spec §4 step 6); LOBPCG needs ``n >= 3r``, so
+    where it cannot run this falls back to the exact ``torch.linalg.eigh`` (resolution c)
+    and says so in the returned info. ``solver="eigh"`` asks for the exact one.
+    Each column's sign is fixed so that its largest-magnitude entry is positive.
+    """
+    n = omega.shape[0]
+    info: dict = {"eigensolver": solver}
+    if solver == "lobpcg" and n < 3 * rank:
+        info = {"eigensolver": "eigh", "fallback": f"lobpcg needs n >= 3r, got n={n}, r={rank}"}
+        solver = "eigh"
+    if solver == "lobpcg":
+        start = torch.linalg.qr(torch.randn(n, rank, dtype=omega.dtype, device=omega.device, generator=generator)).Q
+        _, vecs = torch.lobpcg(omega, k=rank, X=start, niter=niter, largest=False)
+        info["lobpcg_niter"] = niter
+    elif solver == "eigh":
+        _, all_vecs = torch.linalg.eigh(omega)  # ascending eigenvalues
+        vecs = all_vecs[:, :rank].clone()
+    else:
+        raise ValueError(f"solver must be 'lobpcg' or 'eigh', got {solver!r}")
+    peak = vecs.abs().argmax(dim=0)
+    signs = torch.sign(vecs.gather(0, peak[None, :]))
+    signs[signs == 0] = 1.0
+    return vecs.mul_(signs), info
+
+
+@register(
+    "lora_da",
+    invariant=Invariant.SHIFTED,
+    statistics=Statistics.LORA_DA,
+    paper="Zhang et al. 2025, LoRA-DA (arXiv 2510.24561, ICML 2026); zqy0126/LoRA-DA",
+    summary="A = Qᵀ/√γ, B = Δ̂·Q/√γ with Q the smallest-r eigvecs of Ω = -Δ̂ᵀΔ̂ + β·Σd/(Nσ₁²)·Z⁻¹; W unchanged",
+)
+def lora_da(
+    weight: torch.Tensor,
+    rank: int,
+    scaling: float = 1.0,
+    *,
+    stats: LoraDAStats | None = None,
+    beta_var: float = 0.03,
+    alpha_bias: float = 1.0,
+    damping: float = 1e-6,
+    gamma: float = 1024.0,
+    solver: str = "lobpcg",
+    lobpcg_niter: int = 10,
+    delta_svd_niter: int = 16,
+    normalize_delta: bool = True,
+    generator: torch.Generator | None = None,
+    seed: int = 0,
+    check_input: bool = True,
+) -> LoraInit:
+    """LoRA-DA as the official code implements it (spec §4 "Algorithm as implemented").
+
+    In PyTorch orientation (W is m x n):
+
+    3. ``Δ = -diag(d)·G·Z_λ⁻¹`` with ``Z_λ = sym(Z) + λI`` and ``d = 1/(y² + λ)``: the
+       K-FAC natural-gradient step, via a Cholesky solve.
+    4. ``Δ̂ = Δ/σ₁`` with ``σ₁`` the top singular value of Δ (randomized SVD, q=1,
+       ``delta_svd_niter``; ``normalize_delta=False`` keeps σ₁ = 1).
+    5. ``Ω = -α_bias·Δ̂ᵀΔ̂ + β_var·(Σ_i d_i)/(N·σ₁²)·Z_λ⁻¹`` (n x n), symmetrized.
+    6. ``Q`` = eigenvectors of the r smallest eigenvalues of Ω (Courant-Fischer).
+    7. ``A = Qᵀ/√γ`` (r x n), ``B = Δ̂·Q/√γ`` (m x r), so ``B·A = Δ̂·QQᵀ/γ``.
+    8. ``W`` is not modified: invariant (S), ``W_eff = W + (s/γ)·Δ̂·QQᵀ``.
+
+    Decisions: defaults are the code's ``conf/lora_da.yaml`` (β_var 0.03, λ 1e-6,
+    γ 1024, LOBPCG niter 10, normalized Δ); ``beta_var=1`` is the paper's theory
+    (resolution a). ``scaling`` is recorded and not folded into the factors (the code
+    uses rsLoRA ``s = α/√r`` outside the init). Adapters are returned in fp32, as the
+    code stores them (``init.dtype: fp32``). Randomness (σ₁'s test vector, LOBPCG's start)
+    comes from one local generator.
+
+    Args:
+        stats: mean gradient, input and output factors and N, see
+            :class:`loram_ref.stats.LoraDAStats`.
+        solver: ``"lobpcg"`` (faithful; falls back to ``"eigh"`` when n < 3r) or ``"eigh"``.
+    """
+    check_weight(weight)
+    check_rank(rank, weight)
+    scaling = check_scaling(scaling)
+    if not isinstance(stats, LoraDAStats):
+        raise TypeError(f"stats must be a LoraDAStats, got {type(stats).__name__}")
+    m, n = weight.shape
+    stats.validate((m, n))
+    for value, label in ((beta_var, "beta_var"), (alpha_bias, "alpha_bias"), (damping, "damping"), (gamma, "gamma")):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{label} must be finite and > 0, got {value}")
+    lobpcg_niter = check_positive_int(lobpcg_niter, "lobpcg_niter")
+    delta_svd_niter = check_positive_int(delta_svd_niter, "delta_svd_niter", minimum=0)
+    if check_input:
+        check_finite(weight)
+    gen = resolve_generator(generator, weight.device, seed)
+    f32 = dict(dtype=torch.float32, device=weight.device)
+
+    z = _sym(stats.input_factor.to(**f32))
+    z.diagonal().add_(damping)  # Z_λ = sym(Z) + λI
+    chol = torch.linalg.cholesky(z)
+    del z
+    d = stats.output_factor.to(**f32).add(damping).reciprocal_()  # d = 1/(y² + λ)
+    # Δᵀ = -Z_λ⁻¹·Gᵀ·diag(d)  (n x m): spec §4 step 3, transposed as the code forms it
+    delta_t = torch.cholesky_solve(stats.grad.to(**f32).mT, chol).mul_(d[None, :]).neg_()
+    if normalize_delta:
+        sigma1 = float(randomized_svd(delta_t, 1, delta_svd_niter, gen)[1][0])
+        if sigma1 == 0.0:
+            raise ValueError("stats.grad is zero: the natural-gradient displacement Δ vanishes")
+        delta_t.div_(sigma1)  # Δ̂ = Δ/σ₁  (step 4)
+    else:
+        sigma1 = 1.0
+    # Ω = -α·Δ̂ᵀΔ̂ + β·(Σd)/(N σ₁²)·Z_λ⁻¹   (step 5)
+    omega = torch.cholesky_inverse(chol).mul_(beta_var * float(d.sum()) / (stats.num_train * sigma1**2))
+    del chol
+    omega.addmm_(delta_t, delta_t.mT, alpha=-alpha_bias)
+    omega = _sym(omega)
+    q, info = smallest_eigenvectors(omega, rank, solver=solver, niter=lobpcg_niter, generator=gen)  # step 6
+    del omega
+    inv_root_gamma = 1.0 / math.sqrt(gamma)
+    a = q.mT.mul(inv_root_gamma).contiguous()  # step 7: A = Qᵀ/√γ
+    b = (delta_t.mT @ q).mul_(inv_root_gamma)  # step 7: B = Δ̂·Q/√γ
+    info.update({"sigma_1": sigma1, "gamma": gamma, "beta_var": beta_var})
+    return LoraInit(method="lora_da", A=a, B=b, scaling=scaling, info=info)

@@ -1,0 +1,76 @@
+"""LoRA-SB: optimal initialization of the LoRA-XS middle matrix (spec §3; Ponkshe, Singhal et al., arXiv 2411.19557)."""
+
+from __future__ import annotations
+
+import torch
+
+from .linalg import randomized_svd
+from .registry import Invariant, Statistics, register
+from .result import LoraInit
+from .stats import LoraSBStats
+from .validation import check_finite, check_positive_int, check_rank, check_scaling, check_weight, resolve_generator
+
+
+@register(
+    "lora_sb",
+    invariant=Invariant.SHIFTED,
+    statistics=Statistics.LORA_SB,
+    paper="Ponkshe, Singhal et al. 2024, LoRA-SB (arXiv 2411.19557); CERT-Lab/lora-sb",
+    summary="B, A = top-r singular vectors of -η·sign(Σ∇W), trainable R = Σ_r/s; W unchanged",
+)
+def lora_sb(
+    weight: torch.Tensor,
+    rank: int,
+    scaling: float = 1.0,
+    *,
+    stats: LoraSBStats | None = None,
+    niter: int = 10,
+    generator: torch.Generator | None = None,
+    seed: int = 42,
+    round_bf16: bool = True,
+    check_input: bool = True,
+) -> LoraInit:
+    """LoRA-SB (spec §3 "Initialization"): ``W_eff = W + s·B·R·A`` with A, B frozen.
+
+    1. ``P, σ, Q = rsvd(ΔWᵀ, q=r, niter=10)`` so ``ΔW ≈ Q·diag(σ)·Pᵀ`` (spec §3 step 3).
+    2. ``B = Q`` (m x r, left singular vectors of ΔW), ``A = Pᵀ`` (r x n),
+       ``R = diag(σ)/s`` (spec §3 steps 5-6), so ``s·B·R·A = [ΔW]_r``, the best rank-r
+       approximation of the update (Eckart-Young), up to the randomized SVD's accuracy.
+    3. ``W`` is not modified (spec §3 step 8, resolution c): invariant (S).
+
+    Decisions:
+        * The official code calls ``torch.manual_seed(42)`` per module; we draw from a
+          local generator seeded with 42 instead (resolution e): same stream, no side
+          effect on the global RNG.
+        * ``round_bf16=True`` replicates the code's rounding of P, σ, Q to bf16
+          ("faithful" mode, resolution d); ``False`` keeps fp32 ("clean" mode).
+        * Factors are returned in ``W``'s dtype (the code casts to the gradient's dtype,
+          which is the model's).
+
+    Args:
+        stats: the update approximation, see :class:`loram_ref.stats.LoraSBStats`.
+        niter: subspace iterations of the randomized SVD (code: 10).
+    """
+    check_weight(weight)
+    check_rank(rank, weight)
+    scaling = check_scaling(scaling)
+    niter = check_positive_int(niter, "niter", minimum=0)
+    if not isinstance(stats, LoraSBStats):
+        raise TypeError(f"stats must be a LoraSBStats (the update approximation), got {type(stats).__name__}")
+    stats.validate(tuple(weight.shape))
+    if check_input:
+        check_finite(weight)
+    gen = resolve_generator(generator, weight.device, seed)
+    update = stats.update.to(device=weight.device, dtype=torch.float32)
+    p, sigma, q = randomized_svd(update.mT, rank, niter, gen)  # ΔWᵀ ≈ P diag(σ) Qᵀ
+    b, a, r = q, p.mT, torch.diag(sigma / scaling)
+    if round_bf16:
+        b, a, r = (t.to(torch.bfloat16) for t in (b, a, r))
+    return LoraInit(
+        method="lora_sb",
+        A=a.to(weight.dtype).contiguous(),
+        B=b.to(weight.dtype).contiguous(),
+        R=r.to(weight.dtype),
+        scaling=scaling,
+        info={"niter": niter, "round_bf16": round_bf16, "sigma_1": float(sigma[0])},
+    )

@@ -1,0 +1,119 @@
+"""LoRAM: magnitude-driven initialization on a fixed basis (spec §5; Zhang et al., arXiv 2507.06558, NeurIPS 2025)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .bases import dst_basis, random_orthogonal_basis
+from .registry import Invariant, register
+from .result import LoraInit
+from .validation import check_rank, check_scaling, check_weight, resolve_generator, squared_norm
+
+_PAPER = "Zhang et al. 2025, The Primacy of Magnitude in Low-Rank Adaptation (LoRAM, arXiv 2507.06558)"
+
+
+def loram_gain(weight_sq_norm: float, shape: tuple[int, int], rank: int) -> tuple[float, float]:
+    """LoRAM's gain ``Q[r]`` and amplitude ``β`` (paper Eq. 11-12; spec §5 "Gain").
+
+    ``Q = ln r / ln min(d_out, d_in)``. With orthonormal bases ``ν[Φ_out Φ_inᵀ] = r/(m·n)``
+    exactly, so ``β = (Q·ν[W]/ν[ΦΦᵀ])^{1/4}`` reduces to ``β = (Q·‖W‖_F²/r)^{1/4}`` and
+    ``‖β²·Φ_out Φ_inᵀ‖_F = √Q·‖W‖_F``.
+    """
+    gain = math.log(rank) / math.log(min(shape))
+    beta = (gain * weight_sq_norm / rank) ** 0.25
+    return gain, beta
+
+
+def _loram(
+    name: str,
+    weight: torch.Tensor,
+    rank: int,
+    scaling: float,
+    inplace: bool,
+    basis: Callable[[int], torch.Tensor],
+    info: dict,
+) -> LoraInit:
+    check_weight(weight)
+    check_rank(rank, weight, minimum=2)  # r = 1 gives Q = 0, β = 0: a dead adapter (spec §5)
+    scaling = check_scaling(scaling)
+    m, n = weight.shape
+    gain, beta = loram_gain(squared_norm(weight), (m, n), rank)  # pass 1 over W (also the NaN/Inf check)
+    a = basis(n).mT.mul_(beta).to(weight.dtype).contiguous()  # A = β·Φ_inᵀ   (r x d_in)
+    b = basis(m).mul_(beta).to(weight.dtype)  # B = β·Φ_out   (d_out x r)
+    residual = weight if inplace else weight.clone()
+    # W_res = W - s·B·A (paper Eq. 1 with α = s; Algorithm 1's W - β²ΦΦᵀ at s = 1), one
+    # in-place GEMM from the factors as returned, so W_res + s·B·A reproduces W up to
+    # one rounding of W_res in W's dtype.
+    residual.addmm_(b, a, alpha=-scaling)
+    return LoraInit(
+        method=name,
+        A=a,
+        B=b,
+        scaling=scaling,
+        residual=residual,
+        info={**info, "gain_Q": gain, "beta": beta},
+    )
+
+
+@register(
+    "loram_dst",
+    invariant=Invariant.FUNCTION_PRESERVING,
+    paper=_PAPER,
+    summary="A = β·Φ_inᵀ, B = β·Φ_out on the first r DST-I columns, β = (Q‖W‖²/r)^¼; W_res = W - s·B·A",
+)
+def loram_dst(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, inplace: bool = False) -> LoraInit:
+    """LoRAM with the deterministic DST-I basis (paper Algorithm 1; spec §5 "Pseudocode").
+
+    ``Φ_d`` = first r columns of the orthonormal DST-I of size d, ``Q = ln r/ln min(m, n)``,
+    ``β = (Q·‖W‖_F²/r)^{1/4}``, ``A = β·Φ_inᵀ``, ``B = β·Φ_out``, ``W_res = W - s·B·A``.
+    Invariant (F); ``BᵀB = AAᵀ = β²I``; ``‖s·B·A‖_F = s·√Q·‖W‖_F``.
+
+    Decisions:
+        * ``s`` is not divided into the factors: the paper fixes s = 1 and treats s as a
+          separate magnitude knob (Prop. 1; spec §5 step 4). The residual uses the given s.
+        * ``ν`` is the paper's mean square, not ``torch.var`` (spec §5 "Dtype").
+        * ``rank >= 2`` is required: r = 1 makes Q = 0 and both factors zero.
+        * Memory: ``‖W‖_F`` is accumulated over fp32 row blocks (no full-size copy of a
+          bf16 ``W``) and the residual is one in-place ``addmm_``; with ``inplace=True``
+          the extra memory is the O((m+n)·r) bases and factors. Three passes over ``W``:
+          one read for the norm, one read and one write for the residual. A NaN/Inf in
+          ``W`` is caught by the norm pass.
+    """
+    return _loram(
+        "loram_dst", weight, rank, scaling, inplace,
+        lambda d: dst_basis(d, rank, device=weight.device),
+        {"basis": "dst-I"},
+    )
+
+
+@register(
+    "loram_rorth",
+    invariant=Invariant.FUNCTION_PRESERVING,
+    paper=_PAPER + ", §4.3 basis ablation",
+    summary="LoRAM with Haar random-orthogonal bases instead of DST (same β)",
+)
+def loram_rorth(
+    weight: torch.Tensor,
+    rank: int,
+    scaling: float = 1.0,
+    *,
+    generator: torch.Generator | None = None,
+    seed: int = 0,
+    inplace: bool = False,
+) -> LoraInit:
+    """LoRAM's random-orthogonal basis ablation (paper §4.3; spec §5 "Variants").
+
+    Φ_in and Φ_out are Haar-random orthonormal ``d x r`` matrices (QR of a Gaussian with
+    the sign fix; input side drawn first, then output side). Because ``ν[ΦΦᵀ] = r/(mn)``
+    for any orthonormal basis, β is identical to :func:`loram_dst`, and so are the
+    invariants and memory behaviour.
+    """
+    gen = resolve_generator(generator, weight.device, seed) if isinstance(weight, torch.Tensor) else None
+    return _loram(
+        "loram_rorth", weight, rank, scaling, inplace,
+        lambda d: random_orthogonal_basis(d, rank, gen, device=weight.device),
+        {"basis": "random-orthogonal"},
+    )

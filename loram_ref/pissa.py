@@ -1,0 +1,144 @@
+"""PiSSA: principal singular values and vectors adaptation (spec §2; Meng et al. 2024, arXiv 2404.02948)."""
+
+from __future__ import annotations
+
+import torch
+
+from .linalg import randomized_svd
+from .registry import Invariant, register
+from .result import LoraInit
+from .validation import (
+    check_finite,
+    check_positive_int,
+    check_rank,
+    check_scaling,
+    check_weight,
+    resolve_generator,
+)
+
+_PAPER = "Meng, Wang & Zhang 2024, PiSSA (arXiv 2404.02948); PEFT pissa_init"
+
+
+def _fp32_work_copy(weight: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """The fp32 matrix PiSSA decomposes and then turns into the residual.
+
+    A bf16/fp16 ``W`` is up-cast (the copy the algorithm needs, spec §2 step 1). An fp32
+    ``W`` is cloned unless the caller allowed ``inplace``, so the function stays pure.
+    """
+    if weight.dtype != torch.float32:
+        return weight.to(torch.float32)
+    return weight if inplace else weight.clone()
+
+
+def _pissa_factors(
+    name: str,
+    weight: torch.Tensor,
+    work: torch.Tensor,
+    u_r: torch.Tensor,
+    s_r: torch.Tensor,
+    vh_r: torch.Tensor,
+    scaling: float,
+    inplace: bool,
+    info: dict,
+) -> LoraInit:
+    """Spec §2 steps 3-5 from the top-r triplets of the fp32 ``work`` copy of ``W``."""
+    root = torch.sqrt(s_r / scaling)  # step 3: σ'_r = σ_r / s; each factor carries √σ'
+    a = vh_r.mul_(root[:, None])  # step 4: A = diag(√σ'_r)·V_rᵀ  (r x n)
+    b = u_r.mul_(root[None, :])  # step 4: B = U_r·diag(√σ'_r)  (m x r)
+    work.addmm_(b, a, alpha=-scaling)  # step 5: W_res = W - s·B·A, in fp32, in place
+    if weight.dtype == torch.float32:
+        residual = work
+    elif inplace:
+        residual = weight.copy_(work)  # cast back into W's own storage
+    else:
+        residual = work.to(weight.dtype)
+    return LoraInit(
+        method=name,
+        A=a.to(weight.dtype),
+        B=b.to(weight.dtype),
+        scaling=scaling,
+        residual=residual,
+        info=info,
+    )
+
+
+def _checked(weight: torch.Tensor, rank: int, scaling: float, check_input: bool) -> float:
+    check_weight(weight)
+    check_rank(rank, weight)
+    scaling = check_scaling(scaling)
+    if check_input:
+        check_finite(weight)
+    return scaling
+
+
+@register(
+    "pissa",
+    invariant=Invariant.FUNCTION_PRESERVING,
+    paper=_PAPER,
+    summary="top-r SVD triplets of W (full SVD) in A, B; W_res = W - U_r Σ_r V_rᵀ",
+)
+def pissa(
+    weight: torch.Tensor,
+    rank: int,
+    scaling: float = 1.0,
+    *,
+    inplace: bool = False,
+    check_input: bool = True,
+) -> LoraInit:
+    """PiSSA with a full economy SVD (PEFT ``init_lora_weights="pissa"``), spec §2.
+
+    ``W = U·diag(σ)·Vᵀ`` (fp32, ``torch.linalg.svd(full_matrices=False)``);
+    ``A = diag(√(σ_r/s))·V_rᵀ``, ``B = U_r·diag(√(σ_r/s))``, ``W_res = W - s·B·A``.
+    Invariant (F): ``W_res + s·B·A = W`` whatever the SVD's accuracy.
+
+    Decisions: the residual is computed in fp32 from the fp32 factors and cast to
+    ``W``'s dtype once, and ``A``/``B`` are returned in ``W``'s dtype, PEFT's order of
+    operations (spec §2 resolution c). Extra memory is what the SVD needs: the fp32
+    copy of ``W`` (reused as the residual), ``U`` and ``Vᵀ`` (spec §2 "Cost").
+
+    Args:
+        inplace: allow writing the residual into ``weight``'s storage (then
+            ``result.residual is weight`` for fp32, or shares its storage).
+        check_input: reject NaN/Inf in ``W`` before decomposing.
+    """
+    scaling = _checked(weight, rank, scaling, check_input)
+    work = _fp32_work_copy(weight, inplace)
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    u_r, s_r, vh_r = u[:, :rank].clone(), s[:rank].clone(), vh[:rank].clone()
+    del u, s, vh
+    return _pissa_factors("pissa", weight, work, u_r, s_r, vh_r, scaling, inplace, {"svd": "full"})
+
+
+@register(
+    "pissa_rsvd",
+    invariant=Invariant.FUNCTION_PRESERVING,
+    paper=_PAPER,
+    summary="PiSSA on a randomized SVD (q = r, niter power iterations)",
+)
+def pissa_rsvd(
+    weight: torch.Tensor,
+    rank: int,
+    scaling: float = 1.0,
+    *,
+    niter: int = 4,
+    generator: torch.Generator | None = None,
+    seed: int = 0,
+    inplace: bool = False,
+    check_input: bool = True,
+) -> LoraInit:
+    """PiSSA with a randomized SVD (PEFT ``init_lora_weights="pissa_niter_N"``), spec §2.
+
+    The top-r triplets come from :func:`loram_ref.linalg.randomized_svd` with ``q = r``
+    (no oversampling, as PEFT: spec §2 resolution a) and ``niter`` subspace iterations;
+    the rest is as :func:`pissa`. A generator in the state of the global RNG reproduces
+    PEFT's ``torch.svd_lowrank`` draw. Default ``niter=4`` is the PiSSA README's example
+    (the training scripts use 16). Invariant (F) holds exactly; only the subspace is
+    approximate.
+    """
+    scaling = _checked(weight, rank, scaling, check_input)
+    niter = check_positive_int(niter, "niter", minimum=0)
+    gen = resolve_generator(generator, weight.device, seed)
+    work = _fp32_work_copy(weight, inplace)
+    u_r, s_r, v_r = randomized_svd(work, rank, niter, gen)
+    info = {"svd": "randomized", "niter": niter, "oversampling": 0}
+    return _pissa_factors("pissa_rsvd", weight, work, u_r, s_r, v_r.mT.contiguous(), scaling, inplace, info)

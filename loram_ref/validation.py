@@ -1,0 +1,109 @@
+"""Input checks shared by every initializer. Each error names the offending parameter."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: Elements per block when a pass over ``W`` is chunked, so that temporaries (a bool
+#: mask, an fp32 up-cast of a bf16 block) stay at a fixed 16 MiB-ish size instead of
+#: growing with ``W``.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def check_weight(weight: object, name: str = "weight") -> torch.Tensor:
+    """Require a 2-D floating-point tensor (fp32, fp16, bf16 or fp64)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (d_out x d_in), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(weight.shape)}")
+    return weight
+
+
+def row_blocks(weight: torch.Tensor):
+    """Yield row blocks of ``weight`` holding about ``CHUNK_ELEMENTS`` entries each (views)."""
+    rows = max(1, CHUNK_ELEMENTS // weight.shape[1])
+    for start in range(0, weight.shape[0], rows):
+        yield weight[start : start + rows]
+
+
+def check_finite(weight: torch.Tensor, name: str = "weight") -> None:
+    """Raise if ``weight`` holds NaN or Inf. Chunked: the bool mask never exceeds one block."""
+    for block in row_blocks(weight):
+        if not bool(torch.isfinite(block).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def squared_norm(weight: torch.Tensor, name: str = "weight") -> float:
+    """``‖W‖_F²`` accumulated in float64 over fp32 block norms; no full-size up-cast copy.
+
+    Doubles as the finiteness check of the methods that need the norm anyway (LoRAM):
+    a NaN/Inf anywhere in ``W`` makes the sum non-finite.
+    """
+    total = 0.0
+    for block in row_blocks(weight):
+        total += float(torch.linalg.vector_norm(block, dtype=torch.float32)) ** 2
+    if not math.isfinite(total):
+        raise ValueError(f"{name} contains NaN or Inf values (its squared Frobenius norm is {total})")
+    return total
+
+
+def check_rank(rank: object, weight: torch.Tensor, minimum: int = 1, name: str = "rank") -> int:
+    """Require an integer ``minimum <= rank <= min(m, n)``."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"{name} must be an int, got {type(rank).__name__}")
+    limit = min(weight.shape)
+    if rank < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {rank}")
+    if rank > limit:
+        raise ValueError(f"{name}={rank} exceeds min(d_out, d_in)={limit} of weight shape {tuple(weight.shape)}")
+    return rank
+
+
+def check_scaling(scaling: object, name: str = "scaling") -> float:
+    """Require a finite, positive scaling ``s``."""
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(scaling).__name__}")
+    if not math.isfinite(scaling) or scaling <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {scaling}")
+    return float(scaling)
+
+
+def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_shape(tensor: object, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """Require a finite floating tensor of exactly ``shape`` (layer statistics)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    check_finite(tensor if tensor.dim() == 2 else tensor.reshape(1, -1), name)
+    return tensor
+
+
+def resolve_generator(generator: torch.Generator | None, device: torch.device, seed: int) -> torch.Generator:
+    """The generator to draw from: the caller's, or a fresh one seeded with ``seed``.
+
+    Never the global RNG (issue #2): results are reproducible and nothing else's
+    random stream is disturbed.
+    """
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device}, but the weight is on {device}")
+        return generator
+    return torch.Generator(device=device).manual_seed(seed)

@@ -1,0 +1,97 @@
+"""Agreement with PEFT's ``init_lora_weights`` where PEFT implements the same method.
+
+PEFT is the oracle: its layer methods run on the same weight, with the global RNG in
+the state our local generator starts from.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+import loram_ref  # noqa: E402
+
+from .conftest import SHAPES  # noqa: E402
+
+
+class _One(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        with torch.no_grad():
+            self.lin.weight.copy_(weight)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _peft_layer(weight: torch.Tensor, rank: int, alpha: float, init="default"):
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["lin"], init_lora_weights=True if init == "default" else init)
+    model = get_peft_model(_One(weight.clone()), config)
+    return model.base_model.model.lin
+
+
+def _weights(layer):
+    return layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("name,peft_init", [("noise_zeros", True), ("gaussian", "gaussian")])
+def test_noise_zeros_match_peft_reset(shape, name, peft_init):
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    layer = _peft_layer(weight, 8, 16)
+    torch.manual_seed(1234)
+    layer.reset_lora_parameters("default", peft_init)
+    peft_a, peft_b = _weights(layer)
+    ours = loram_ref.initialize(name, weight, 8, 2.0, generator=torch.Generator().manual_seed(1234))
+    torch.testing.assert_close(ours.A, peft_a, rtol=1e-6, atol=1e-7)
+    assert torch.count_nonzero(peft_b) == 0 and torch.count_nonzero(ours.B) == 0
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("alpha", [8, 32])
+def test_pissa_full_svd_matches_peft(shape, alpha):
+    rank = 8
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    layer = _peft_layer(weight, rank, alpha, init="pissa")
+    peft_a, peft_b = _weights(layer)
+    ours = loram_ref.initialize("pissa", weight, rank, alpha / rank)
+    torch.testing.assert_close(ours.A, peft_a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.B, peft_b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.residual, layer.base_layer.weight.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("niter", [0, 2, 4])
+def test_pissa_randomized_matches_peft_niter(shape, niter):
+    rank, alpha = 8, 16
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    layer = _peft_layer(weight, rank, alpha)
+    torch.manual_seed(77)
+    layer.pissa_init("default", f"pissa_niter_{niter}")
+    peft_a, peft_b = _weights(layer)
+    ours = loram_ref.initialize(
+        "pissa_rsvd", weight, rank, alpha / rank, niter=niter, generator=torch.Generator().manual_seed(77)
+    )
+    torch.testing.assert_close(ours.A, peft_a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.B, peft_b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.residual, layer.base_layer.weight.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_pissa_bf16_matches_peft_dtype_flow():
+    rank = 4
+    weight = torch.randn(48, 32, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    layer = _peft_layer(weight, rank, rank)
+    layer.pissa_init("default", "pissa")
+    peft_a, peft_b = _weights(layer)
+    ours = loram_ref.initialize("pissa", weight, rank)
+    assert ours.residual.dtype == torch.bfloat16 and ours.A.dtype == torch.bfloat16
+    # PEFT leaves fp32 factors in the layer and casts them to the base dtype when it
+    # moves the adapter; ours are that cast.
+    torch.testing.assert_close(ours.A, peft_a.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(ours.B, peft_b.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(ours.residual, layer.base_layer.weight.detach(), rtol=0, atol=0)
