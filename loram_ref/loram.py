@@ -40,7 +40,9 @@ def _loram(
     check_rank(rank, weight, minimum=2)  # r = 1 gives Q = 0, β = 0: a dead adapter (spec §5)
     scaling = check_scaling(scaling)
     m, n = weight.shape
-    gain, beta = loram_gain(squared_norm(weight), (m, n), rank)  # pass 1 over W (also the NaN/Inf check)
+    # pass 1 over W (also the NaN/Inf check), in blocks no larger than the factors
+    sq_norm = squared_norm(weight, block_elements=max(rank * (m + n), 1 << 20))
+    gain, beta = loram_gain(sq_norm, (m, n), rank)
     a = basis(n).mT.mul_(beta).to(weight.dtype).contiguous()  # A = β·Φ_inᵀ   (r x d_in)
     b = basis(m).mul_(beta).to(weight.dtype)  # B = β·Φ_out   (d_out x r)
     residual = weight if inplace else weight.clone()
@@ -76,9 +78,10 @@ def loram_dst(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, inplace:
           separate magnitude knob (Prop. 1; spec §5 step 4). The residual uses the given s.
         * ``ν`` is the paper's mean square, not ``torch.var`` (spec §5 "Dtype").
         * ``rank >= 2`` is required: r = 1 makes Q = 0 and both factors zero.
-        * Memory: ``‖W‖_F`` is accumulated over fp32 row blocks (no full-size copy of a
-          bf16 ``W``) and the residual is one in-place ``addmm_``; with ``inplace=True``
-          the extra memory is the O((m+n)·r) bases and factors. Three passes over ``W``:
+        * Memory: ``‖W‖_F`` is accumulated over row blocks of ``max(r·(m+n), 2²⁰)``
+          entries (a bf16 ``W`` is up-cast one block at a time, never whole) and the
+          residual is one in-place ``addmm_``; with ``inplace=True`` the extra memory is
+          the O((m+n)·r) bases and factors plus that block. Three passes over ``W``:
           one read for the norm, one read and one write for the residual. A NaN/Inf in
           ``W`` is caught by the norm pass.
     """

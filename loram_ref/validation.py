@@ -25,9 +25,9 @@ def check_weight(weight: object, name: str = "weight") -> torch.Tensor:
     return weight
 
 
-def row_blocks(weight: torch.Tensor):
-    """Yield row blocks of ``weight`` holding about ``CHUNK_ELEMENTS`` entries each (views)."""
-    rows = max(1, CHUNK_ELEMENTS // weight.shape[1])
+def row_blocks(weight: torch.Tensor, elements: int = CHUNK_ELEMENTS):
+    """Yield row blocks of ``weight`` holding about ``elements`` entries each (views)."""
+    rows = max(1, elements // weight.shape[1])
     for start in range(0, weight.shape[0], rows):
         yield weight[start : start + rows]
 
@@ -39,18 +39,23 @@ def check_finite(weight: torch.Tensor, name: str = "weight") -> None:
             raise ValueError(f"{name} contains NaN or Inf values")
 
 
-def squared_norm(weight: torch.Tensor, name: str = "weight") -> float:
+def squared_norm(weight: torch.Tensor, name: str = "weight", block_elements: int = CHUNK_ELEMENTS) -> float:
     """``‖W‖_F²`` accumulated in float64 over fp32 block norms; no full-size up-cast copy.
+
+    A bf16/fp16 block is up-cast inside the norm, so the temporary is one block
+    (``block_elements`` entries), whatever the size of ``W``. The partial sums stay on
+    ``W``'s device and are read once at the end (one host sync).
 
     Doubles as the finiteness check of the methods that need the norm anyway (LoRAM):
     a NaN/Inf anywhere in ``W`` makes the sum non-finite.
     """
-    total = 0.0
-    for block in row_blocks(weight):
-        total += float(torch.linalg.vector_norm(block, dtype=torch.float32)) ** 2
-    if not math.isfinite(total):
-        raise ValueError(f"{name} contains NaN or Inf values (its squared Frobenius norm is {total})")
-    return total
+    total = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for block in row_blocks(weight, block_elements):
+        total += torch.linalg.vector_norm(block, dtype=torch.float32).double().square()
+    value = float(total)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} contains NaN or Inf values (its squared Frobenius norm is {value})")
+    return value
 
 
 def check_rank(rank: object, weight: torch.Tensor, minimum: int = 1, name: str = "rank") -> int:

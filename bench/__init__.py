@@ -1,0 +1,1 @@
+"""loram-bench: the harness that measures loram_ref initializers per layer shape and per model."""

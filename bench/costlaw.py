@@ -1,0 +1,80 @@
+"""Fitted cost laws ``t = c · x^k``: extrapolate skipped shapes instead of leaving holes.
+
+``x`` is the natural size variable of the algorithm (spec §8): ``m·n·min(m, n)`` for a
+full SVD, ``m·n`` for everything whose cost is a fixed number of passes over ``W`` or
+a GEMM with a fixed rank. The fit is least squares in log-log space.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+#: Initializers whose cost grows as m·n·min(m, n) (a full decomposition).
+CUBIC = {"pissa"}
+#: Initializers dominated by n x n input-space work (Cholesky, Z⁻¹, Δ̂ᵀΔ̂, LOBPCG on Ω):
+#: O(n³ + m·n²), spec §4 "Cost".
+INPUT_SPACE = {"lora_da"}
+
+
+def size_variable(initializer: str, d_out: int, d_in: int) -> float:
+    if initializer in CUBIC:
+        return float(d_out) * d_in * min(d_out, d_in)
+    if initializer in INPUT_SPACE:
+        return float(d_in) * d_in * (d_out + d_in)
+    return float(d_out) * d_in
+
+
+def size_variable_name(initializer: str) -> str:
+    if initializer in CUBIC:
+        return "m·n·min(m,n)"
+    if initializer in INPUT_SPACE:
+        return "n²·(m+n)"
+    return "m·n"
+
+
+@dataclass(frozen=True)
+class CostLaw:
+    coefficient: float
+    exponent: float
+    variable: str
+    points: int
+    r2: float
+
+    def predict(self, x: float) -> float:
+        return self.coefficient * x**self.exponent
+
+
+def fit(points: Iterable[tuple[float, float]], variable: str = "m·n") -> CostLaw | None:
+    """Fit ``t = c·x^k`` to ``(x, t)`` pairs. Needs two distinct sizes; one point gives
+    a linear law through it (``k = 1``), which is what each algorithm's size variable
+    is chosen to make true."""
+    pts = [(math.log(x), math.log(t)) for x, t in points if x > 0 and t > 0]
+    if not pts:
+        return None
+    xs = {p[0] for p in pts}
+    if len(xs) == 1:
+        lx, lt = pts[0][0], sum(p[1] for p in pts) / len(pts)
+        return CostLaw(math.exp(lt - lx), 1.0, variable, len(pts), float("nan"))
+    n = len(pts)
+    mx = sum(p[0] for p in pts) / n
+    my = sum(p[1] for p in pts) / n
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    sxy = sum((p[0] - mx) * (p[1] - my) for p in pts)
+    k = sxy / sxx
+    a = my - k * mx
+    ss_tot = sum((p[1] - my) ** 2 for p in pts)
+    ss_res = sum((p[1] - (a + k * p[0])) ** 2 for p in pts)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return CostLaw(math.exp(a), k, variable, n, r2)
+
+
+def fit_rows(rows: list[dict], initializer: str, metric: str = "median_s") -> CostLaw | None:
+    """Fit one initializer's ok rows (same device/dtype/rank assumed by the caller)."""
+    pts = [
+        (size_variable(initializer, r["d_out"], r["d_in"]), r[metric])
+        for r in rows
+        if r.get("status") == "ok" and r.get("initializer") == initializer and r.get(metric)
+    ]
+    return fit(pts, size_variable_name(initializer))

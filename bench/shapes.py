@@ -1,0 +1,145 @@
+"""Shape catalog: the linear-layer shapes of a model and how often each occurs.
+
+Shapes come from a transformers config by instantiating the model on the meta device
+(no weights are allocated or downloaded), so any local ``config.json`` or model folder
+works. Built-in presets are configs of well-known models, embedded here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+#: Layer names left out by default: the LM head and embeddings are not LoRA targets here.
+EXCLUDED = ("lm_head",)
+
+
+@dataclass(frozen=True, order=True)
+class LayerShape:
+    """One linear-layer shape of a model. ``d_out x d_in`` is ``nn.Linear.weight.shape``."""
+
+    role: str  # the module's own name, e.g. "q_proj"
+    d_out: int
+    d_in: int
+    count: int = 1
+
+    @property
+    def key(self) -> str:
+        return f"{self.d_out}x{self.d_in}"
+
+    @property
+    def numel(self) -> int:
+        return self.d_out * self.d_in
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _llama(hidden, inter, layers, heads, kv_heads, vocab, **extra) -> dict[str, Any]:
+    return {
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        **extra,
+    }
+
+
+#: Built-in presets: the architecture fields of each model's public ``config.json``.
+PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": _llama(576, 1536, 30, 9, 3, 49152, tie_word_embeddings=True),
+    "llama-2-7b": _llama(4096, 11008, 32, 32, 32, 32000),
+    "llama-2-13b": _llama(5120, 13824, 40, 40, 40, 32000),
+    "llama-3-8b": _llama(4096, 14336, 32, 32, 8, 128256),
+    "mistral-7b": {**_llama(4096, 14336, 32, 32, 8, 32000), "model_type": "mistral"},
+    "qwen2.5-7b": {**_llama(3584, 18944, 28, 28, 4, 152064), "model_type": "qwen2"},
+    "llama-2-70b": _llama(8192, 28672, 80, 64, 8, 32000),
+    "llama-3-70b": _llama(8192, 28672, 80, 64, 8, 128256),
+}
+
+
+def load_config(source: str | Path | dict[str, Any]):
+    """A transformers ``PretrainedConfig`` from a preset name, a config dict, a
+    ``config.json`` path or a model folder. Never touches the network."""
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    if isinstance(source, dict):
+        fields = dict(source)
+    elif str(source) in PRESETS:
+        fields = dict(PRESETS[str(source)])
+    else:
+        path = Path(source)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            known = ", ".join(sorted(PRESETS))
+            raise ValueError(f"unknown shape preset or config path {str(source)!r}; presets: {known}")
+        return AutoConfig.from_pretrained(path.parent, local_files_only=True) if path.name == "config.json" else _from_json(path)
+    model_type = fields.pop("model_type")
+    return CONFIG_MAPPING[model_type](**fields)
+
+
+def _from_json(path: Path):
+    from transformers import CONFIG_MAPPING
+
+    fields = json.loads(path.read_text())
+    return CONFIG_MAPPING[fields.pop("model_type")](**fields)
+
+
+def shapes_from_config(config, exclude: tuple[str, ...] = EXCLUDED) -> list[LayerShape]:
+    """Count every ``nn.Linear`` shape of the causal LM built from ``config`` on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    counts: Counter[tuple[str, int, int]] = Counter()
+    for name, module in model.named_modules():
+        role = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear) and role not in exclude:
+            d_out, d_in = module.weight.shape
+            counts[(role, d_out, d_in)] += 1
+    return [LayerShape(role, d_out, d_in, n) for (role, d_out, d_in), n in sorted(counts.items(), key=_order)]
+
+
+_ROLE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _order(item):
+    (role, d_out, d_in), _ = item
+    return (_ROLE_ORDER.index(role) if role in _ROLE_ORDER else len(_ROLE_ORDER), role, d_out, d_in)
+
+
+def model_shapes(source: str | Path | dict[str, Any]) -> list[LayerShape]:
+    """Shapes of a preset, config file or model folder."""
+    return shapes_from_config(load_config(source))
+
+
+def unique_shapes(shapes: list[LayerShape]) -> list[LayerShape]:
+    """Merge roles that share a ``d_out x d_in`` (q and o, gate and up): one measurement
+    serves both, and ``count`` adds up. The role lists every merged name."""
+    merged: dict[tuple[int, int], LayerShape] = {}
+    for s in shapes:
+        prev = merged.get((s.d_out, s.d_in))
+        merged[(s.d_out, s.d_in)] = (
+            s if prev is None else LayerShape(f"{prev.role}+{s.role}", s.d_out, s.d_in, prev.count + s.count)
+        )
+    return sorted(merged.values(), key=lambda s: (s.numel, s.d_out))
+
+
+def format_table(name: str, shapes: list[LayerShape]) -> str:
+    """Plain-text table of a model's shapes with parameter totals."""
+    lines = [f"{name}: {len(shapes)} linear-layer shapes", f"{'role':<12}{'d_out':>8}{'d_in':>8}{'count':>8}{'params':>16}"]
+    total = 0
+    for s in shapes:
+        params = s.numel * s.count
+        total += params
+        lines.append(f"{s.role:<12}{s.d_out:>8}{s.d_in:>8}{s.count:>8}{params:>16,}")
+    lines.append(f"{'total':<36}{total:>16,}")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""Task lists: which initializer runs on which shapes, and the quick suite of ``tox -e bench``."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import loram_ref
+
+from .shapes import LayerShape, model_shapes, unique_shapes
+from .tasks import Task
+
+DEFAULT_RANK = 16
+
+
+def init_tasks(
+    sources: list[str],
+    initializers: list[str] | None = None,
+    *,
+    rank: int = DEFAULT_RANK,
+    dtype: str = "float32",
+    device: str = "cpu",
+    threads: int = 2,
+    template: Task | None = None,
+) -> list[Task]:
+    """One task per (initializer, unique shape of each source). A shape shared by two
+    sources is measured once; its per-model counts live in the shape catalog."""
+    names = initializers or sorted(loram_ref.INITIALIZERS)
+    for name in names:
+        loram_ref.get_initializer(name)  # unknown names fail here, before any work
+    shapes: dict[tuple[int, int], tuple[LayerShape, str]] = {}
+    for source in sources:
+        for s in unique_shapes(model_shapes(source)):
+            shapes.setdefault((s.d_out, s.d_in), (s, source))
+    base = template or Task(initializer="", d_out=1, d_in=1, rank=rank)
+    tasks = []
+    for shape, source in shapes.values():
+        if rank > min(shape.d_out, shape.d_in):
+            continue
+        for name in names:
+            tasks.append(replace(
+                base, initializer=name, d_out=shape.d_out, d_in=shape.d_in, rank=rank, role=shape.role,
+                count=shape.count, preset=source, dtype=dtype, device=device, threads=threads,
+            ))
+    return tasks
+
+
+#: The quick suite: small-model and 7B shapes, every initializer, CPU fp32, rank 16,
+#: few values; slow cells beyond the limit are skipped by prediction and extrapolated.
+QUICK_PRESETS = ["smollm2-135m", "llama-2-7b"]
+QUICK_TEMPLATE = Task(initializer="", d_out=1, d_in=1, rank=DEFAULT_RANK, warmups=0, values=3, min_values=1, value_budget_s=2.0)
+QUICK_LIMIT_S = 45.0

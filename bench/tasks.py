@@ -1,0 +1,58 @@
+"""What one measurement is: an initializer on one layer shape, rank, dtype and device."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Task:
+    """One init-cost measurement, run in its own worker process.
+
+    ``warmups`` calls follow the first (cold) call; then up to ``values`` timed calls, or
+    fewer once ``value_budget_s`` of timed work is spent (never fewer than ``min_values``).
+    """
+
+    initializer: str
+    d_out: int
+    d_in: int
+    rank: int
+    role: str = ""
+    count: int = 1
+    preset: str = ""
+    scaling: float = 1.0
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = 2
+    seed: int = 0
+    warmups: int = 1
+    values: int = 5
+    min_values: int = 2
+    value_budget_s: float = 10.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Identity for resuming: what is measured, not how many times."""
+        ident = {
+            "initializer": self.initializer,
+            "d_out": self.d_out,
+            "d_in": self.d_in,
+            "rank": self.rank,
+            "scaling": self.scaling,
+            "dtype": self.dtype,
+            "device": self.device,
+            "threads": self.threads,
+            "options": self.options,
+        }
+        return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Task":
+        return cls(**data)

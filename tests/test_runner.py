@@ -1,0 +1,109 @@
+"""The manager: crash and timeout isolation, resume, skipping by prediction, and rows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from bench import results
+from bench.runner import Runner
+from bench.tasks import Task
+
+
+def _ok(task: Task) -> dict:
+    return {"status": "ok", "first_s": 0.01, "median_s": 0.01 * task.d_out / 64, "values_s": [0.01]}
+
+
+def _crash(task: Task) -> dict:
+    if task.d_out == 32:
+        os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
+    return _ok(task)
+
+
+def _hang(task: Task) -> dict:
+    if task.d_out == 32:
+        time.sleep(60)
+    return _ok(task)
+
+
+def _raise(task: Task) -> dict:
+    if task.d_out == 32:
+        raise RuntimeError("CUDA out of memory (simulated)")
+    return _ok(task)
+
+
+def _tasks():
+    return [Task("noise_zeros", d, 16, 4) for d in (16, 32, 64)]
+
+
+@pytest.mark.parametrize(
+    "fn,status,reason",
+    [(_crash, "crashed", "killed by signal 9"), (_hang, "timeout", "exceeded the 2 s limit"),
+     (_raise, "failed", "RuntimeError: CUDA out of memory")],
+)
+def test_failing_worker_is_recorded_and_run_goes_on(tmp_path, fn, status, reason):
+    path = tmp_path / "init.jsonl"
+    rows = Runner(path, limit_s=2, worker_fn=fn, progress=False).run(_tasks())
+    by_size = {r["d_out"]: r for r in rows}
+    assert by_size[32]["status"] == status and reason in by_size[32]["reason"]
+    assert by_size[16]["status"] == "ok" and by_size[64]["status"] == "ok"
+    assert len(results.read_rows(path)) == 3  # every row was written as it finished
+
+
+def test_rerun_skips_done_and_retries_failures(tmp_path):
+    path = tmp_path / "init.jsonl"
+    Runner(path, limit_s=2, worker_fn=_raise, progress=False).run(_tasks())
+    log = tmp_path / "calls.txt"
+
+    def counting(task):  # runs in the forked child: report through a file
+        with log.open("a") as fh:
+            fh.write(f"{task.d_out}\n")
+        return _ok(task)
+
+    rows = Runner(path, limit_s=2, worker_fn=counting, progress=False).run(_tasks())
+    assert log.read_text().split() == ["32"]  # only the failed one ran again
+    latest = results.to_frame(rows)
+    assert sorted(latest["status"]) == ["ok", "ok", "ok"]
+
+
+def test_predicted_overrun_is_skipped_with_reason(tmp_path):
+    path = tmp_path / "init.jsonl"
+    slow = lambda t: {"status": "ok", "first_s": 1.0, "median_s": 1.0 * (t.d_out / 16) ** 2, "values_s": [1.0]}
+    tasks = [Task("loram_dst", d, d, 4, warmups=0, min_values=1) for d in (16, 32, 1024)]
+    rows = Runner(path, limit_s=30, worker_fn=slow, progress=False).run(tasks)
+    last = rows[-1]
+    assert last["status"] == "skipped" and "predicted" in last["reason"] and last["predicted_s"] > 30
+
+
+def test_rows_carry_environment_and_task_fields(tmp_path):
+    rows = Runner(tmp_path / "r.jsonl", worker_fn=_ok, progress=False).run(_tasks()[:1])
+    row = rows[0]
+    for key in ("git_commit", "torch_version", "cpu_model", "hostname", "threads", "dtype", "device", "seed", "task_key"):
+        assert key in row
+    csv_path, json_path = results.export(rows, tmp_path, "init")
+    assert csv_path.read_text().startswith("") and "noise_zeros" in csv_path.read_text()
+
+
+def test_real_worker_measures_an_initializer(tmp_path):
+    task = Task("loram_dst", 256, 128, 8, values=2, value_budget_s=1.0)
+    (row,) = Runner(tmp_path / "r.jsonl", progress=False).run([task])
+    assert row["status"] == "ok"
+    assert len(row["values_s"]) == 2 and row["median_s"] > 0 and row["first_s"] > 0
+    assert row["reconstruction_rel_err"] < 1e-5
+    assert row["weight_bytes"] == 256 * 128 * 4
+
+
+def test_spawned_worker_path(tmp_path):
+    task = Task("noise_zeros", 64, 32, 4, values=1)
+    (row,) = Runner(tmp_path / "r.jsonl", progress=False, launcher="spawn").run([task])
+    assert row["status"] == "ok" and row["median_s"] >= 0
+
+
+def test_spawned_worker_crash(tmp_path):
+    cmd = [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"]
+    (row,) = Runner(tmp_path / "r.jsonl", progress=False, launcher="spawn", worker_cmd=cmd).run([_tasks()[0]])
+    assert row["status"] == "crashed" and "exit code 3" in row["reason"] and "boom" in row["reason"]
