@@ -70,11 +70,18 @@ def fit(points: Iterable[tuple[float, float]], variable: str = "m·n") -> CostLa
     return CostLaw(math.exp(a), k, variable, n, r2)
 
 
-def fit_rows(rows: list[dict], initializer: str, metric: str = "median_s") -> CostLaw | None:
-    """Fit one initializer's ok rows (same device/dtype/rank assumed by the caller)."""
+#: Fit over the largest sizes only: small shapes are dominated by per-call overhead
+#: (kernel launches, Python), which flattens the slope and under-predicts large shapes.
+LARGEST_SIZES = 3
+
+
+def fit_rows(rows: list[dict], initializer: str, metric: str = "median_s", largest: int = LARGEST_SIZES) -> CostLaw | None:
+    """Fit one initializer's ok rows (same device/dtype/rank assumed by the caller) over
+    its ``largest`` distinct sizes."""
     pts = [
         (size_variable(initializer, r["d_out"], r["d_in"]), r[metric])
         for r in rows
         if r.get("status") == "ok" and r.get("initializer") == initializer and r.get(metric)
     ]
-    return fit(pts, size_variable_name(initializer))
+    sizes = sorted({x for x, _ in pts})[-largest:]
+    return fit([p for p in pts if p[0] in sizes], size_variable_name(initializer))

@@ -14,7 +14,6 @@ import pandas as pd
 
 #: Row status values. "ok" rows carry measurements; the others carry a ``reason``.
 OK, SKIPPED, TIMEOUT, CRASHED, FAILED = "ok", "skipped", "timeout", "crashed", "failed"
-FAILURES = (TIMEOUT, CRASHED, FAILED)
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
@@ -51,7 +50,7 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         return frame
     # keep the latest row per task key: a rerun that succeeds replaces an old failure
     if "task_key" in frame.columns:
-        frame = frame.drop_duplicates(subset=["task_key", "kind"], keep="last") if "kind" in frame else frame
+        frame = frame.drop_duplicates(subset=["task_key"], keep="last")
     return frame.reset_index(drop=True)
 
 

@@ -62,8 +62,9 @@ class Runner:
             bar.set_postfix_str(f"{task.initializer} {task.d_out}x{task.d_in} {task.dtype} {task.device}")
             predicted = self.predict(task, rows)
             if predicted is not None and predicted > self.limit_s:
-                row = self._row(task, SKIPPED, predicted_s=predicted,
-                                reason=f"predicted {predicted:.0f} s > limit {self.limit_s:.0f} s")
+                reason = (f"predicted {predicted:.0f} s > limit {self.limit_s:.0f} s" if predicted != float("inf")
+                          else "a smaller shape of this initializer already exceeded the limit")
+                row = self._row(task, SKIPPED, predicted_s=None if predicted == float("inf") else predicted, reason=reason)
             else:
                 row = self.execute(task, predicted)
             append_row(self.results_path, row)
@@ -74,15 +75,20 @@ class Runner:
 
     def predict(self, task: Task, rows: list[dict[str, Any]]) -> float | None:
         """Predicted wall time of the whole worker from finished rows of the same kind."""
-        same = [
+        kin = [
             r for r in rows
-            if r.get("status") == OK and r.get("initializer") == task.initializer and r.get("device") == task.device
+            if r.get("initializer") == task.initializer and r.get("device") == task.device
             and r.get("dtype") == task.dtype and r.get("rank") == task.rank and r.get("threads") == task.threads
         ]
+        size = costlaw.size_variable(task.initializer, task.d_out, task.d_in)
+        if any(r.get("status") == TIMEOUT and costlaw.size_variable(task.initializer, r["d_out"], r["d_in"]) <= size
+               and r.get("run_id") == self.run_id for r in kin):
+            return float("inf")  # a smaller shape already ran out of time in this run
+        same = [r for r in kin if r.get("status") == OK]
         law = costlaw.fit_rows(same, task.initializer, metric="median_s")
         if law is None:
             return None
-        per_call = law.predict(costlaw.size_variable(task.initializer, task.d_out, task.d_in))
+        per_call = law.predict(size)
         calls = 1 + task.warmups + task.min_values + 1  # cold, warm-ups, values, memory pass
         cold_extra = max(0.0, same[-1]["first_s"] - same[-1]["median_s"])  # one-time library set-up
         return per_call * calls + cold_extra

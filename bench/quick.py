@@ -1,0 +1,50 @@
+"""The quick suite behind ``tox -e bench`` (about 10 minutes on 2 CPU cores).
+
+1. Init cost of every initializer on the unique shapes of a small model and Llama-2-7B
+   (CPU, fp32, rank 16), cells predicted past the limit skipped and extrapolated.
+2. Short loss runs on SmolLM2-135M: noise-zeros, PiSSA (randomized), LoRAM-DST and
+   LoRA-SB, the same seed and batch order, 40 steps of 4 x 64 tokens.
+3. The run's init rows appended to ``history.jsonl`` (the report's trend), then the
+   HTML report, whose path is printed last.
+
+A rerun into the same folder resumes: measurements already there are not repeated
+(delete the folder, or pass another ``--out``, for a fresh run).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .history import append_history
+from .results import export
+from .runner import Runner
+from .suites import QUICK_LIMIT_S, QUICK_PRESETS, QUICK_TEMPLATE, init_tasks
+
+QUICK_LOSS_INITIALIZERS = ["noise_zeros", "pissa_rsvd", "loram_dst", "lora_sb"]
+
+
+def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False) -> int:
+    started = time.perf_counter()
+    threads = min(2, torch.get_num_threads())
+    tasks = init_tasks(QUICK_PRESETS, rank=QUICK_TEMPLATE.rank, threads=threads, template=QUICK_TEMPLATE)
+    runner = Runner(out / "init.jsonl", limit_s=QUICK_LIMIT_S, progress=progress)
+    rows = runner.run(tasks)
+    export([r for r in rows if r.get("kind") == "init"], out, "init")
+    added = append_history([r for r in rows if r.get("run_id") == runner.run_id], out / "history.jsonl")
+    print(f"history: {added} rows appended to {out / 'history.jsonl'}", flush=True)
+    print(f"init cost: {len(tasks)} measurements in {time.perf_counter() - started:.0f} s", flush=True)
+    if not skip_loss:
+        from .loss.run import LossConfig, run_loss
+
+        loss_started = time.perf_counter()
+        run_loss(LossConfig(initializers=QUICK_LOSS_INITIALIZERS, threads=threads), out, progress=progress)
+        print(f"loss runs: {time.perf_counter() - loss_started:.0f} s", flush=True)
+    from reports.html import build_report
+
+    path = build_report(out, out / "report.html")
+    print(f"quick suite done in {time.perf_counter() - started:.0f} s")
+    print(f"report: {path.resolve()}")
+    return 0

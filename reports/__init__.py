@@ -1,0 +1,1 @@
+"""Interactive, self-contained HTML reports of loram-bench results (plotly, works offline)."""

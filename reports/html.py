@@ -1,0 +1,162 @@
+"""Assemble the report: one self-contained HTML page, plotly.js inlined once in <head>,
+every figure a div, plus HTML tables (cost laws, comparison, all rows, environment)."""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.offline
+
+from bench.shapes import PRESETS
+
+from . import figures
+from .tables import ResultSet, cells, cost_laws, load_results, model_totals, speedups
+
+_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png", "scale": 2}}
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1280px;padding:0 24px 48px;color:#222}
+h1{margin:24px 0 4px} h2{margin-top:36px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.note{color:#555;font-size:14px} table{border-collapse:collapse;font-size:13px;margin:8px 0}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:right;white-space:nowrap} th{background:#f4f4f4;cursor:pointer;position:sticky;top:0}
+td:first-child,th:first-child{text-align:left} .scroll{max-height:520px;overflow:auto;border:1px solid #eee}
+.bad{background:#fde2e1} .good{background:#e3f5e1} .warn{background:#fff4d6} nav a{margin-right:14px}
+"""
+
+# Click a header to sort its table (numbers numerically, text otherwise).
+_SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function(th, col){
+  th.addEventListener('click', function(){
+    var table = th.closest('table'), body = table.tBodies[0], rows = Array.from(body.rows);
+    var asc = th.dataset.dir !== 'asc'; th.dataset.dir = asc ? 'asc' : 'desc';
+    rows.sort(function(a, b){
+      var x = a.cells[col].dataset.v || a.cells[col].textContent, y = b.cells[col].dataset.v || b.cells[col].textContent;
+      var nx = parseFloat(x), ny = parseFloat(y);
+      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+      return asc ? c : -c;
+    });
+    rows.forEach(function(r){ body.appendChild(r); });
+  });
+});
+"""
+
+ROW_COLUMNS = ["initializer", "role", "d_out", "d_in", "rank", "dtype", "device", "threads", "status", "first_s", "median_s",
+               "stdev_s", "peak_cpu_extra_bytes", "peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes",
+               "reconstruction_rel_err", "delta_rel_norm", "reason"]
+ENV_COLUMNS = ["git_commit", "git_dirty", "hostname", "platform", "python", "cpu_model", "cpu_count", "memory_bytes",
+               "torch_version", "transformers_version", "peft_version", "gpu_name", "cuda_version", "run_id", "timestamp"]
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def table_html(frame: pd.DataFrame, columns: list[str] | None = None, classes: pd.Series | None = None) -> str:
+    """A sortable HTML table; each cell keeps its exact value in ``data-v`` for sorting."""
+    if frame.empty:
+        return '<p class="note">no rows</p>'
+    cols = [c for c in (columns or list(frame.columns)) if c in frame.columns]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = []
+    for i, (_, row) in enumerate(frame[cols].iterrows()):
+        css = f' class="{classes.iloc[i]}"' if classes is not None else ""
+        cells_ = "".join(f'<td data-v="{html.escape(str(row[c]))}">{html.escape(_fmt(row[c]))}</td>' for c in cols)
+        body.append(f"<tr{css}>{cells_}</tr>")
+    return f'<div class="scroll"><table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def _figure(fig) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False, config=_CONFIG)
+
+
+def _section(anchor: str, title: str, *parts: str) -> str:
+    return f'<h2 id="{anchor}">{html.escape(title)}</h2>' + "".join(parts)
+
+
+def build_report(results: Path, out: Path, comparison: pd.DataFrame | None = None, title: str = "loram-bench report") -> Path:
+    """Write the report of a results folder (or an init.jsonl) to ``out``; return its path."""
+    data = load_results(results)
+    sections = render_sections(data, comparison)
+    nav = " ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t, _ in sections)
+    generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    page = (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
+        f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head><body>"
+        f"<h1>{html.escape(title)}</h1><p class='note'>generated {generated} from {html.escape(str(results))}; "
+        "hover a point for exact figures, pick views in the dropdowns, click table headers to sort.</p>"
+        f"<nav>{nav}</nav>" + "".join(_section(a, t, body) for a, t, body in sections)
+        + f"<script>{_SORT_JS}</script></body></html>"
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def render_sections(data: ResultSet, comparison: pd.DataFrame | None) -> list[tuple[str, str, str]]:
+    sections: list[tuple[str, str, str]] = []
+    if comparison is not None and not comparison.empty:
+        verdict_css = comparison["verdict"].map({"slower": "bad", "more memory": "bad", "faster": "good",
+                                                 "less memory": "good", "unmeasurable": "warn"}).fillna("")
+        sections.append(("comparison", "Comparison with the baseline",
+                         '<p class="note">ratio = NEW / BASE of the median; p from a two-sided Mann-Whitney U test on '
+                         'the raw values; flagged only when significant and beyond the threshold.</p>'
+                         + table_html(comparison, classes=verdict_css)))
+    init = data.init
+    if not init.empty:
+        laws = cost_laws(init)
+        table = cells(init, laws)
+        sections.append(("time", "Init time", _figure(figures.init_time(table, laws))))
+        sp = speedups(table)
+        if not sp.empty:
+            sections.append(("speedup", "Speedup over full-SVD PiSSA", _figure(figures.speedup(sp))))
+        sections.append(("memory", "Peak memory", _figure(figures.memory(table))))
+        if not laws.empty:
+            shown = laws.assign(exponent=laws["exponent"].round(3), r2=laws["r2"].round(4))
+            sections.append(("laws", "Fitted cost laws t = c·x^k",
+                             '<p class="note">least squares in log-log space over measured shapes; x is each algorithm\'s '
+                             'size variable (m·n·min(m,n) for a full SVD, n²(m+n) for LoRA-DA, m·n otherwise), so k ≈ 1 '
+                             'means the expected complexity; skipped or failed cells are predicted from these.</p>'
+                             + table_html(shown)))
+            totals = model_totals(table, laws, list(PRESETS))
+            if not totals.empty:
+                sections.append(("totals", "Model-level totals", _figure(figures.totals(totals))))
+        sections.append(("rows", "All init rows", table_html(init, ROW_COLUMNS)))
+    if not data.loss.empty:
+        s = data.loss_summary
+        config = s.iloc[0]
+        meta = (f"<p class='note'>{html.escape(str(config.get('model')))}, data {html.escape(str(config.get('data')))} "
+                f"(sha256 {str(config.get('data_sha256'))[:12]}…), {config.get('steps')} steps of "
+                f"{config.get('batch_size')} x {config.get('seq_len')} tokens, r={config.get('rank')}, "
+                f"alpha={config.get('alpha')}, lr={config.get('lr')}, seed {config.get('seed')}, "
+                f"{config.get('device')} {config.get('dtype')}; base-model eval loss {config.get('base_eval_loss'):.4f}.</p>")
+        cols = ["initializer", "trainable_params", "init_seconds", "stats_seconds", "stats_peak_cpu_extra_bytes",
+                "step0_shift_norm", "step0_delta_rel_norm", "step0_eval_loss", "step0_eval_loss_change",
+                "final_train_loss", "final_eval_loss", "final_update_norm", "mean_step_s"]
+        sections.append(("loss", "Short-run loss", meta
+                         + _figure(figures.loss_curves(data.loss, "train_loss", "Train loss per step", "train loss"))
+                         + _figure(figures.loss_curves(data.loss, "eval_loss", "Held-out eval loss", "eval loss"))
+                         + _figure(figures.loss_curves(data.loss, "update_norm", "Update magnitude Σ‖W_eff(t) − W_eff(0)‖_F", "Σ ‖ΔW‖_F"))
+                         + table_html(s, cols)))
+    if not data.history.empty:
+        sections.append(("history", "History", _figure(figures.history_trend(data.history))))
+    env_source = init if not init.empty else data.loss_summary
+    if not env_source.empty:
+        env = env_source.iloc[-1]
+        env_frame = pd.DataFrame({"field": [c for c in ENV_COLUMNS if c in env.index],
+                                  "value": [_fmt(env[c]) for c in ENV_COLUMNS if c in env.index]})
+        sections.append(("environment", "Environment", table_html(env_frame)))
+    if not sections:
+        sections.append(("empty", "No results", '<p class="note">the results folder holds no rows yet</p>'))
+    return sections
+
+
