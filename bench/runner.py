@@ -2,9 +2,11 @@
 
 One worker per measurement (pyperf's manager/worker split): a crash, an OOM kill or a
 hang costs that one row, recorded with its reason, and the run goes on. On CPU the
-worker is forked from this process, which has imported torch but run no kernel (saves
-~2 s of imports per measurement; the child's first call is still cold). CUDA cannot
-survive a fork, so CUDA tasks run in a spawned ``python -m bench.worker``. Rows already in
+worker is forked from a fork server, a clean process that has imported torch and run no
+kernel (saves ~2 s of imports per measurement; the child's first call is still cold;
+forking this process instead could deadlock a child in an OpenMP pool the parent had
+started). CUDA cannot survive a fork, so CUDA tasks run in a spawned
+``python -m bench.worker``. Rows already in
 the results file are skipped, so an interrupted run resumes where it stopped. Before a
 task runs, the cost law fitted to the same initializer's finished rows predicts its
 time; a task predicted to exceed the time limit is recorded as skipped, with the
@@ -43,7 +45,8 @@ class Runner:
     results_path: Path
     limit_s: float = 120.0
     worker_cmd: list[str] = field(default_factory=lambda: [sys.executable, "-m", "bench.worker"])
-    #: what a forked worker runs; tests substitute one that crashes or hangs
+    #: what a forked worker runs (a module-level function: it is pickled to the fork
+    #: server); tests substitute one that crashes or hangs
     worker_fn: Callable[[Task], dict[str, Any]] = run_task
     #: "auto" forks on CPU (Linux) and spawns for CUDA; "spawn" always spawns
     launcher: str = "auto"
@@ -94,7 +97,7 @@ class Runner:
         return per_call * calls + cold_extra
 
     def execute(self, task: Task, predicted: float | None = None) -> dict[str, Any]:
-        fork = self.launcher == "auto" and task.device == "cpu" and "fork" in multiprocessing.get_all_start_methods()
+        fork = self.launcher == "auto" and task.device == "cpu" and "forkserver" in multiprocessing.get_all_start_methods()
         started = time.perf_counter()
         status, result, reason = (self._forked if fork else self._spawned)(task)
         if status != OK:
@@ -104,7 +107,7 @@ class Runner:
         return self._row(task, OK, predicted_s=predicted, **result)
 
     def _forked(self, task: Task) -> tuple[str, dict | None, str]:
-        ctx = multiprocessing.get_context("fork")
+        ctx = _fork_server()
         receive, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_fork_entry, args=(self.worker_fn, task, send), daemon=True)
         proc.start()
@@ -160,6 +163,18 @@ class Runner:
             **fields,
             **environment(),
         }
+
+
+_FORK_SERVER = None
+
+
+def _fork_server():
+    """The forkserver context, its server preloading torch and the worker module."""
+    global _FORK_SERVER
+    if _FORK_SERVER is None:
+        _FORK_SERVER = multiprocessing.get_context("forkserver")
+        _FORK_SERVER.set_forkserver_preload(["torch", "loram_ref", "bench.worker"])
+    return _FORK_SERVER
 
 
 def _fixed_mmap_threshold() -> None:

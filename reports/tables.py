@@ -65,8 +65,12 @@ def cells(init: pd.DataFrame, laws: pd.DataFrame) -> pd.DataFrame:
     if init.empty:
         return init
     frame = init.copy()
+    for column, default in (("role", ""), ("weight_bytes", 0), ("values_s", None), ("peak_cpu_extra_bytes", 0),
+                            ("peak_gpu_allocated_bytes", 0), ("peak_gpu_reserved_bytes", 0), ("median_s", None)):
+        if column not in frame:
+            frame[column] = default  # rows from older or hand-made files
     frame["extrapolated"] = frame["status"] != "ok"
-    frame["time_s"] = frame.get("median_s")
+    frame["time_s"] = frame["median_s"].astype(float)
     law_index = {tuple(r[k] for k in ["initializer", *GROUP]): r for r in laws.to_dict("records")} if not laws.empty else {}
     for i, row in frame[frame["extrapolated"]].iterrows():
         law = law_index.get((row["initializer"], row["device"], row["dtype"], row["rank"]))
