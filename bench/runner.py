@@ -169,17 +169,34 @@ _FORK_SERVER = None
 
 
 def _fork_server():
-    """The forkserver context, its server preloading torch and the worker module."""
+    """The forkserver context, its server preloading torch and the worker module.
+
+    The server is started here, with :data:`WORKER_ENV` in its environment: the OpenMP
+    runtime reads its settings when torch is loaded, in the server, before any fork.
+    """
     global _FORK_SERVER
     if _FORK_SERVER is None:
-        _FORK_SERVER = multiprocessing.get_context("forkserver")
-        _FORK_SERVER.set_forkserver_preload(["torch", "loram_ref", "bench.worker"])
+        from multiprocessing import forkserver
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "loram_ref", "bench.worker"])
+        saved = {k: os.environ.get(k) for k in WORKER_ENV}
+        os.environ.update(WORKER_ENV)
+        try:
+            forkserver.ensure_running()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        _FORK_SERVER = ctx
     return _FORK_SERVER
 
 
 def _fixed_mmap_threshold() -> None:
-    """What ``MALLOC_MMAP_THRESHOLD_`` does for a spawned worker, for a forked one (whose
-    malloc was set up before the fork): ``mallopt(M_MMAP_THRESHOLD, 64 KiB)``."""
+    """``mallopt(M_MMAP_THRESHOLD, 64 KiB)`` in the forked worker, as ``MALLOC_MMAP_THRESHOLD_``
+    does at start-up (a no-op where the server already had it, kept for other launchers)."""
     try:
         import ctypes
 

@@ -10,7 +10,7 @@ from .linalg import randomized_svd
 from .registry import Invariant, Statistics, register
 from .result import LoraInit
 from .stats import LoraDAStats
-from .validation import check_finite, check_positive_int, check_rank, check_scaling, check_weight, resolve_generator
+from .validation import check_inputs, check_positive_int, resolve_generator
 
 
 def _sym(x: torch.Tensor) -> torch.Tensor:
@@ -98,9 +98,7 @@ def lora_da(
             :class:`loram_ref.stats.LoraDAStats`.
         solver: ``"lobpcg"`` (faithful; falls back to ``"eigh"`` when n < 3r) or ``"eigh"``.
     """
-    check_weight(weight)
-    check_rank(rank, weight)
-    scaling = check_scaling(scaling)
+    scaling = check_inputs(weight, rank, scaling, check_input=check_input)
     if not isinstance(stats, LoraDAStats):
         raise TypeError(f"stats must be a LoraDAStats, got {type(stats).__name__}")
     m, n = weight.shape
@@ -110,8 +108,6 @@ def lora_da(
             raise ValueError(f"{label} must be finite and > 0, got {value}")
     lobpcg_niter = check_positive_int(lobpcg_niter, "lobpcg_niter")
     delta_svd_niter = check_positive_int(delta_svd_niter, "delta_svd_niter", minimum=0)
-    if check_input:
-        check_finite(weight)
     gen = resolve_generator(generator, weight.device, seed)
     f32 = dict(dtype=torch.float32, device=weight.device)
 

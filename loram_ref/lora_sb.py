@@ -8,7 +8,7 @@ from .linalg import randomized_svd
 from .registry import Invariant, Statistics, register
 from .result import LoraInit
 from .stats import LoraSBStats
-from .validation import check_finite, check_positive_int, check_rank, check_scaling, check_weight, resolve_generator
+from .validation import check_inputs, check_positive_int, resolve_generator
 
 
 @register(
@@ -51,15 +51,11 @@ def lora_sb(
         stats: the update approximation, see :class:`loram_ref.stats.LoraSBStats`.
         niter: subspace iterations of the randomized SVD (code: 10).
     """
-    check_weight(weight)
-    check_rank(rank, weight)
-    scaling = check_scaling(scaling)
+    scaling = check_inputs(weight, rank, scaling, check_input=check_input)
     niter = check_positive_int(niter, "niter", minimum=0)
     if not isinstance(stats, LoraSBStats):
         raise TypeError(f"stats must be a LoraSBStats (the update approximation), got {type(stats).__name__}")
     stats.validate(tuple(weight.shape))
-    if check_input:
-        check_finite(weight)
     gen = resolve_generator(generator, weight.device, seed)
     update = stats.update.to(device=weight.device, dtype=torch.float32)
     p, sigma, q = randomized_svd(update.mT, rank, niter, gen)  # ΔWᵀ ≈ P diag(σ) Qᵀ

@@ -10,7 +10,7 @@ import torch
 from .bases import dst_basis, random_orthogonal_basis
 from .registry import Invariant, register
 from .result import LoraInit
-from .validation import check_rank, check_scaling, check_weight, resolve_generator, squared_norm
+from .validation import check_inputs, resolve_generator, squared_norm
 
 _PAPER = "Zhang et al. 2025, The Primacy of Magnitude in Low-Rank Adaptation (LoRAM, arXiv 2507.06558)"
 
@@ -36,9 +36,8 @@ def _loram(
     basis: Callable[[int], torch.Tensor],
     info: dict,
 ) -> LoraInit:
-    check_weight(weight)
-    check_rank(rank, weight, minimum=2)  # r = 1 gives Q = 0, β = 0: a dead adapter (spec §5)
-    scaling = check_scaling(scaling)
+    # r = 1 gives Q = 0, β = 0: a dead adapter (spec §5); NaN/Inf are caught by the norm pass
+    scaling = check_inputs(weight, rank, scaling, check_input=False, min_rank=2)
     m, n = weight.shape
     # pass 1 over W (also the NaN/Inf check), in blocks no larger than the factors
     sq_norm = squared_norm(weight, block_elements=max(rank * (m + n), 1 << 20))

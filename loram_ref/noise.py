@@ -8,7 +8,7 @@ import torch
 
 from .registry import Invariant, register
 from .result import LoraInit
-from .validation import check_finite, check_rank, check_scaling, check_weight, resolve_generator
+from .validation import check_inputs, resolve_generator
 
 
 def _noise_zeros(
@@ -21,11 +21,7 @@ def _noise_zeros(
     check_input: bool,
     fill_a,
 ) -> LoraInit:
-    check_weight(weight)
-    check_rank(rank, weight)
-    scaling = check_scaling(scaling)
-    if check_input:
-        check_finite(weight)
+    scaling = check_inputs(weight, rank, scaling, check_input=check_input)
     gen = resolve_generator(generator, weight.device, seed)
     m, n = weight.shape
     # PEFT draws into a freshly created fp32 nn.Linear, then casts the adapter to the

@@ -7,14 +7,7 @@ import torch
 from .linalg import randomized_svd
 from .registry import Invariant, register
 from .result import LoraInit
-from .validation import (
-    check_finite,
-    check_positive_int,
-    check_rank,
-    check_scaling,
-    check_weight,
-    resolve_generator,
-)
+from .validation import check_inputs, check_positive_int, resolve_generator
 
 _PAPER = "Meng, Wang & Zhang 2024, PiSSA (arXiv 2404.02948); PEFT pissa_init"
 
@@ -62,15 +55,6 @@ def _pissa_factors(
     )
 
 
-def _checked(weight: torch.Tensor, rank: int, scaling: float, check_input: bool) -> float:
-    check_weight(weight)
-    check_rank(rank, weight)
-    scaling = check_scaling(scaling)
-    if check_input:
-        check_finite(weight)
-    return scaling
-
-
 @register(
     "pissa",
     invariant=Invariant.FUNCTION_PRESERVING,
@@ -101,7 +85,7 @@ def pissa(
             ``result.residual is weight`` for fp32, or shares its storage).
         check_input: reject NaN/Inf in ``W`` before decomposing.
     """
-    scaling = _checked(weight, rank, scaling, check_input)
+    scaling = check_inputs(weight, rank, scaling, check_input=check_input)
     work = _fp32_work_copy(weight, inplace)
     u, s, vh = torch.linalg.svd(work, full_matrices=False)
     u_r, s_r, vh_r = u[:, :rank].clone(), s[:rank].clone(), vh[:rank].clone()
@@ -135,7 +119,7 @@ def pissa_rsvd(
     (the training scripts use 16). Invariant (F) holds exactly; only the subspace is
     approximate.
     """
-    scaling = _checked(weight, rank, scaling, check_input)
+    scaling = check_inputs(weight, rank, scaling, check_input=check_input)
     niter = check_positive_int(niter, "niter", minimum=0)
     gen = resolve_generator(generator, weight.device, seed)
     work = _fp32_work_copy(weight, inplace)

@@ -79,6 +79,20 @@ def check_scaling(scaling: object, name: str = "scaling") -> float:
     return float(scaling)
 
 
+def check_inputs(weight: object, rank: object, scaling: object, *, check_input: bool, min_rank: int = 1) -> float:
+    """The checks every initializer starts with; returns the scaling as a float.
+
+    ``check_input`` adds the NaN/Inf pass over ``W`` (off where a method's own pass over
+    ``W`` already catches them, or where a benchmark times the algorithm alone).
+    """
+    check_weight(weight)
+    check_rank(rank, weight, minimum=min_rank)
+    scaling = check_scaling(scaling)
+    if check_input:
+        check_finite(weight)
+    return scaling
+
+
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

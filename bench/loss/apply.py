@@ -13,6 +13,7 @@ PEFT adapter with ``lora_A = R·A``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ def apply_initializer(
             if stats is None or layer_name not in stats:
                 raise ValueError(f"{name} needs layer statistics; none collected for {layer_name}")
             kwargs["stats"] = stats[layer_name]
-        if "generator" in spec.fn.__code__.co_varnames:
+        if "generator" in inspect.signature(spec.fn).parameters:
             kwargs["generator"] = torch.Generator(device=weight.device).manual_seed(_layer_seed(seed, index))
         original = weight.detach().clone()
         t0 = time.perf_counter()

@@ -21,6 +21,17 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def quiet_transformers() -> None:
+    """No per-load progress bars or deprecation chatter from transformers in our output."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LORAM_BENCH_CACHE", Path.home() / ".cache" / "loram-bench"))
 

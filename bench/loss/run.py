@@ -29,7 +29,7 @@ from ..results import append_row, export, read_rows
 from .apply import apply_initializer
 from .collect import collect_lora_da, collect_lora_sb
 from .data import load_corpus, make_blocks
-from .model import TARGETS, ModelSource, local_source, smollm2_source
+from .model import TARGETS, ModelSource, local_source, quiet_transformers, smollm2_source
 from .train import eval_loss, train
 
 
@@ -89,6 +89,7 @@ def run_loss(config: LossConfig, out: Path, *, progress: bool = True, source: Mo
     from peft import LoraConfig, get_peft_model
 
     config.validate()
+    quiet_transformers()
     if config.threads:
         torch.set_num_threads(config.threads)
     dtype = getattr(torch, config.dtype)
