@@ -1,8 +1,15 @@
 """Fitted cost laws ``t = c · x^k``: extrapolate skipped shapes instead of leaving holes.
 
 ``x`` is the natural size variable of the algorithm (spec §8): ``m·n·min(m, n)`` for a
-full SVD, ``m·n`` for everything whose cost is a fixed number of passes over ``W`` or
-a GEMM with a fixed rank. The fit is least squares in log-log space.
+full SVD, ``n²·(m+n)`` for LoRA-DA, ``m·n`` for everything whose cost is a fixed number
+of passes over ``W`` or a GEMM with a fixed rank. Two laws per initializer:
+
+* the *descriptive* law: ``c`` and ``k`` by least squares in log-log space over the
+  largest measured sizes; ``k`` near 1 says the measurements follow the nominal
+  complexity, ``k < 1`` that per-call overhead still dominates;
+* the *extrapolation* law: ``k = 1`` and ``c`` fitted at the largest measured size. The
+  size variable makes the asymptotic cost linear, and a free exponent fitted where
+  overhead or a noisy point bends the curve can mis-predict by orders of magnitude.
 """
 
 from __future__ import annotations

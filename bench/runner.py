@@ -8,8 +8,8 @@ forking this process instead could deadlock a child in an OpenMP pool the parent
 started). CUDA cannot survive a fork, so CUDA tasks run in a spawned
 ``python -m bench.worker``. Rows already in
 the results file are skipped, so an interrupted run resumes where it stopped. Before a
-task runs, the cost law fitted to the same initializer's finished rows predicts its
-time; a task predicted to exceed the time limit is recorded as skipped, with the
+task runs, the cost law fitted to the same initializer's largest finished shape
+predicts its time (``bench.costlaw``); a task predicted to exceed the time limit is recorded as skipped, with the
 prediction, for the report to extrapolate.
 """
 
@@ -88,7 +88,7 @@ class Runner:
                and r.get("run_id") == self.run_id for r in kin):
             return float("inf")  # a smaller shape already ran out of time in this run
         same = [r for r in kin if r.get("status") == OK]
-        law = costlaw.fit_rows(same, task.initializer, metric="median_s")
+        law = costlaw.fit_rows(same, task.initializer, metric="median_s", largest=1)  # the extrapolation law
         if law is None:
             return None
         per_call = law.predict(size)

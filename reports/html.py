@@ -123,9 +123,11 @@ def render_sections(data: ResultSet, comparison: pd.DataFrame | None) -> list[tu
         if not laws.empty:
             shown = laws.assign(exponent=laws["exponent"].round(3), r2=laws["r2"].round(4))
             sections.append(("laws", "Fitted cost laws t = c·x^k",
-                             '<p class="note">least squares in log-log space over measured shapes; x is each algorithm\'s '
-                             'size variable (m·n·min(m,n) for a full SVD, n²(m+n) for LoRA-DA, m·n otherwise), so k ≈ 1 '
-                             'means the expected complexity; skipped or failed cells are predicted from these.</p>'
+                             '<p class="note">least squares in log-log space over the three largest measured sizes; x is '
+                             'each algorithm\'s size variable (m·n·min(m,n) for a full SVD, n²(m+n) for LoRA-DA, m·n '
+                             'otherwise), so k ≈ 1 means the nominal complexity and k &lt; 1 that per-call overhead still '
+                             'dominates. Skipped or failed cells and model totals use t = linear_coefficient·x, fitted at '
+                             'the largest measured size.</p>'
                              + table_html(shown)))
             totals = model_totals(table, laws, list(PRESETS))
             if not totals.empty:

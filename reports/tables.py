@@ -46,17 +46,25 @@ def load_results(results: Path) -> ResultSet:
 
 
 def cost_laws(init: pd.DataFrame) -> pd.DataFrame:
-    """One fitted law ``t = c·x^k`` per (initializer, device, dtype, rank) over ok rows."""
+    """Per (initializer, device, dtype, rank): the descriptive law ``t = c·x^k`` over the
+    largest sizes, and the linear extrapolation law's ``c`` (``bench.costlaw``)."""
     out = []
     if init.empty:
         return pd.DataFrame(out)
     ok = init[init["status"] == "ok"]
     for (name, device, dtype, rank), group in ok.groupby(["initializer", *GROUP]):
-        law = costlaw.fit_rows(group.to_dict("records"), name)
+        rows = group.to_dict("records")
+        law, linear = costlaw.fit_rows(rows, name), costlaw.fit_rows(rows, name, largest=1)
         if law is not None:
             out.append({"initializer": name, "device": device, "dtype": dtype, "rank": rank, "variable": law.variable,
-                        "exponent": law.exponent, "coefficient": law.coefficient, "r2": law.r2, "points": law.points})
+                        "exponent": law.exponent, "coefficient": law.coefficient, "r2": law.r2, "points": law.points,
+                        "linear_coefficient": linear.coefficient})
     return pd.DataFrame(out)
+
+
+def extrapolate(law: dict, initializer: str, d_out: int, d_in: int) -> float:
+    """Predicted time of a shape by the linear extrapolation law."""
+    return law["linear_coefficient"] * costlaw.size_variable(initializer, d_out, d_in)
 
 
 def cells(init: pd.DataFrame, laws: pd.DataFrame) -> pd.DataFrame:
@@ -75,8 +83,7 @@ def cells(init: pd.DataFrame, laws: pd.DataFrame) -> pd.DataFrame:
     for i, row in frame[frame["extrapolated"]].iterrows():
         law = law_index.get((row["initializer"], row["device"], row["dtype"], row["rank"]))
         if law is not None:
-            x = costlaw.size_variable(row["initializer"], row["d_out"], row["d_in"])
-            frame.at[i, "time_s"] = law["coefficient"] * x ** law["exponent"]
+            frame.at[i, "time_s"] = extrapolate(law, row["initializer"], row["d_out"], row["d_in"])
     frame["numel"] = frame["d_out"] * frame["d_in"]
     frame["shape"] = frame["d_out"].astype(str) + "x" + frame["d_in"].astype(str)
     return frame.sort_values(["initializer", "numel"]).reset_index(drop=True)
@@ -113,7 +120,7 @@ def model_totals(table: pd.DataFrame, laws: pd.DataFrame, presets: list[str]) ->
                 if cell is not None and not cell["extrapolated"]:
                     t = cell["time_s"]
                 else:
-                    t = law["coefficient"] * costlaw.size_variable(key[0], s.d_out, s.d_in) ** law["exponent"]
+                    t = extrapolate(law, key[0], s.d_out, s.d_in)
                     extrapolated += t * s.count
                 total += t * s.count
             out.append({"preset": preset, "initializer": key[0], "device": key[1], "dtype": key[2], "rank": key[3],
