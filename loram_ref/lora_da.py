@@ -48,6 +48,31 @@ def smallest_eigenvectors(
     return vecs.mul_(signs), info
 
 
+#: Damping escalation when fp32 Cholesky of ``sym(Z) + λI`` fails: λ x 10 per retry.
+DAMPING_RETRIES = 8
+
+
+def _damped_cholesky(z: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
+    """Cholesky factor of ``z + λI``, raising λ tenfold until fp32 factorization succeeds.
+
+    Decision (spec §4 leaves it open): the code's λ = 1e-6 assumes many more tokens than
+    input features (256 samples of up to 1024 tokens). With fewer tokens, ``Z`` is rank
+    deficient and fp32 Cholesky of ``Z + 1e-6·I`` can fail; escalating λ, as CorDA does
+    for its covariance, keeps the method defined, and the λ used is recorded.
+    """
+    lam = 0.0
+    for attempt in range(DAMPING_RETRIES + 1):
+        step = damping * 10**attempt
+        z.diagonal().add_(step - lam)
+        lam = step
+        chol, status = torch.linalg.cholesky_ex(z)
+        if int(status) == 0:
+            return chol, lam
+    raise ValueError(
+        f"stats.input_factor is not positive definite even with damping {lam:g}: collect more tokens or pass a larger damping"
+    )
+
+
 @register(
     "lora_da",
     invariant=Invariant.SHIFTED,
@@ -86,7 +111,8 @@ def lora_da(
     7. ``A = Qᵀ/√γ`` (r x n), ``B = Δ̂·Q/√γ`` (m x r), so ``B·A = Δ̂·QQᵀ/γ``.
     8. ``W`` is not modified: invariant (S), ``W_eff = W + (s/γ)·Δ̂·QQᵀ``.
 
-    Decisions: defaults are the code's ``conf/lora_da.yaml`` (β_var 0.03, λ 1e-6,
+    Decisions: where fp32 Cholesky of ``Z_λ`` fails (fewer tokens than input features),
+    λ is raised tenfold until it succeeds and ``info["damping"]`` records it. Defaults are the code's ``conf/lora_da.yaml`` (β_var 0.03, λ 1e-6,
     γ 1024, LOBPCG niter 10, normalized Δ); ``beta_var=1`` is the paper's theory
     (resolution a). ``scaling`` is recorded and not folded into the factors (the code
     uses rsLoRA ``s = α/√r`` outside the init). Adapters are returned in fp32, as the
@@ -111,10 +137,7 @@ def lora_da(
     gen = resolve_generator(generator, weight.device, seed)
     f32 = dict(dtype=torch.float32, device=weight.device)
 
-    z = _sym(stats.input_factor.to(**f32))
-    z.diagonal().add_(damping)  # Z_λ = sym(Z) + λI
-    chol = torch.linalg.cholesky(z)
-    del z
+    chol, damping_used = _damped_cholesky(_sym(stats.input_factor.to(**f32)), damping)  # Z_λ = sym(Z) + λI
     d = stats.output_factor.to(**f32).add(damping).reciprocal_()  # d = 1/(y² + λ)
     # Δᵀ = -Z_λ⁻¹·Gᵀ·diag(d)  (n x m): spec §4 step 3, transposed as the code forms it
     delta_t = torch.cholesky_solve(stats.grad.to(**f32).mT, chol).mul_(d[None, :]).neg_()
@@ -135,5 +158,5 @@ def lora_da(
     inv_root_gamma = 1.0 / math.sqrt(gamma)
     a = q.mT.mul(inv_root_gamma).contiguous()  # step 7: A = Qᵀ/√γ
     b = (delta_t.mT @ q).mul_(inv_root_gamma)  # step 7: B = Δ̂·Q/√γ
-    info.update({"sigma_1": sigma1, "gamma": gamma, "beta_var": beta_var})
+    info.update({"sigma_1": sigma1, "gamma": gamma, "beta_var": beta_var, "damping": damping_used})
     return LoraInit(method="lora_da", A=a, B=b, scaling=scaling, info=info)

@@ -137,3 +137,22 @@ def test_lora_da_theory_variant_uses_beta_one():
     q = theory.A.double().mT * math.sqrt(theory.info["gamma"])
     assert float(loram_ref.principal_angles(q, evecs[:, :4]).max()) < 1e-3  # fp32 vs fp64, small eigengap
     assert float(loram_ref.principal_angles(q, code.A.double().mT * 32.0).max()) > 1e-2
+
+
+def test_lora_da_rank_deficient_input_factor_escalates_damping():
+    weight, stats = _da_problem(m=48, n=40)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 40, generator=g) * 30.0  # 5 tokens for 40 features: Z has rank 5
+    deficient = dataclasses.replace(stats, input_factor=x.mT @ x / 5)
+    init = loram_ref.initialize("lora_da", weight, 4, stats=deficient, solver="eigh")
+    assert init.info["damping"] >= 1e-6 and torch.isfinite(init.A).all() and torch.isfinite(init.B).all()
+    assert orthonormality_error(init.A.mT * math.sqrt(init.info["gamma"])) < 1e-4
+    healthy = loram_ref.initialize("lora_da", weight, 4, stats=stats, solver="eigh")
+    assert healthy.info["damping"] == 1e-6  # the code's λ when it works
+
+
+def test_lora_da_indefinite_input_factor_is_a_clear_error():
+    weight, stats = _da_problem(m=48, n=40)
+    bad = dataclasses.replace(stats, input_factor=-1e12 * torch.eye(40))
+    with pytest.raises(ValueError, match="stats.input_factor is not positive definite"):
+        loram_ref.initialize("lora_da", weight, 4, stats=bad)

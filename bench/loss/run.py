@@ -50,7 +50,7 @@ class LossConfig:
     data: Path | None = None
     threads: int = 0
     sb_samples: int = 8
-    da_samples: int = 8
+    da_samples: int = 32  # x seq_len tokens; Z (n x n) needs tokens >= n to be well conditioned
     sb_warmup_ratio: float = 0.02  # LoRA-SB's η_eff = lr / (warmup_ratio · #batches · epochs), the repo's formula
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-initializer kwargs
 
