@@ -20,9 +20,9 @@ def _check_device(device: str) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise SystemExit(f"error: --device {device} requested, but torch.cuda.is_available() is False")
+            raise ValueError(f"--device {device} requested, but torch.cuda.is_available() is False")
     elif device != "cpu":
-        raise SystemExit(f"error: --device must be 'cpu' or 'cuda[:N]', got {device!r}")
+        raise ValueError(f"--device must be 'cpu' or 'cuda[:N]', got {device!r}")
 
 
 def cmd_shapes(args) -> int:
@@ -50,6 +50,11 @@ def cmd_run(args) -> int:
     from .tasks import Task
 
     _check_device(args.device)
+    for flag, value, low in (("--values", args.values, 1), ("--warmups", args.warmups, 0), ("--threads", args.threads, 0)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not args.limit > 0:
+        raise ValueError(f"--limit must be > 0, got {args.limit}")
     threads = args.threads or (torch.get_num_threads() if args.device == "cpu" else 1)
     template = Task(initializer="", d_out=1, d_in=1, rank=args.rank, warmups=args.warmups, values=args.values,
                     min_values=min(args.values, 2), value_budget_s=args.value_budget, seed=args.seed)

@@ -24,6 +24,10 @@ def init_tasks(
 ) -> list[Task]:
     """One task per (initializer, unique shape of each source). A shape shared by two
     sources is measured once; its per-model counts live in the shape catalog."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"--rank must be an integer >= 1, got {rank!r}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     names = initializers or sorted(loram_ref.INITIALIZERS)
     for name in names:
         loram_ref.get_initializer(name)  # unknown names fail here, before any work

@@ -8,6 +8,7 @@ restores the weight before each in-place call) is set up before any region is en
 
 from __future__ import annotations
 
+import inspect
 import json
 import statistics
 import sys
@@ -24,12 +25,19 @@ from .tasks import Task
 
 RESULT_PREFIX = "LORAM_BENCH_RESULT "
 
-#: Initializers that accept ``inplace`` measure it on: the residual replaces the base
-#: weight, as it does in a PEFT model, so the residual is not an extra allocation.
-#: ``check_input=False``: the benchmark times the algorithm; the finiteness pass is the
-#: same for every method (LoRAM's is fused into its norm pass and cannot be turned off).
-_INPLACE = {"pissa", "pissa_rsvd", "loram_dst", "loram_rorth"}
-_NO_CHECK_OPTION = {"loram_dst", "loram_rorth"}
+
+
+def _measurement_kwargs(fn) -> dict[str, Any]:
+    """How the benchmark calls an initializer.
+
+    ``inplace=True`` where accepted: the residual replaces the base weight, as it does in
+    a PEFT model, so the residual is not an extra allocation. ``check_input=False`` where
+    accepted: the benchmark times the algorithm; the finiteness pass is the same for every
+    method (LoRAM's is fused into its norm pass and has no switch).
+    """
+    params = inspect.signature(fn).parameters
+    return {**({"inplace": True} if "inplace" in params else {}),
+            **({"check_input": False} if "check_input" in params else {})}
 
 
 def _make_weight(task: Task, device: torch.device) -> torch.Tensor:
@@ -69,12 +77,8 @@ def run_task(task: Task) -> dict[str, Any]:
         torch.cuda.init()
     spec = loram_ref.get_initializer(task.initializer)
     weight = _make_weight(task, device)
-    kwargs: dict[str, Any] = {**_make_stats(task, device), **task.options}
-    if task.initializer in _INPLACE:
-        kwargs["inplace"] = True
-    if task.initializer not in _NO_CHECK_OPTION:
-        kwargs["check_input"] = False
-    pristine = weight.clone() if task.initializer in _INPLACE else weight
+    kwargs: dict[str, Any] = {**_make_stats(task, device), **_measurement_kwargs(spec.fn), **task.options}
+    pristine = weight.clone() if kwargs.get("inplace") else weight
 
     def call() -> loram_ref.LoraInit:
         return spec.fn(weight, task.rank, task.scaling, **kwargs)
