@@ -78,6 +78,7 @@ def cmd_loss(args) -> int:
         rank=args.rank, alpha=args.alpha, lr=args.lr, eval_every=args.eval_every, seed=args.seed,
         device=args.device, dtype=args.dtype, model_path=args.model_path, data=args.data,
         threads=args.threads, sb_samples=args.sb_samples, da_samples=args.da_samples,
+        save_adapters=args.save_adapters,
     )
     run_loss(config, args.out, progress=not args.no_progress)
     return 0
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="local .txt or .jsonl file (default: pydoc_data.topics)")
     p.add_argument("--sb-samples", type=int, default=8, help="LoRA-SB gradient samples")
     p.add_argument("--da-samples", type=int, default=32, help="LoRA-DA gradient / K-FAC samples (batch size 1)")
+    p.add_argument("--save-adapters", type=Path, default=None,
+                   help="save each trained PEFT adapter, with the residual base weights it belongs to, under DIR/<initializer>")
     _add_common_run_args(p)
     p.set_defaults(func=cmd_loss)
 

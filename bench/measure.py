@@ -19,7 +19,7 @@ from __future__ import annotations
 import resource
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -138,13 +138,3 @@ def timed(fn: Callable[[], object], device: torch.device) -> Timing:
     t0 = time.perf_counter()
     fn()
     return Timing(wall_s=time.perf_counter() - t0)
-
-
-@dataclass
-class Samples:
-    """Timing samples of one measurement: the first call apart from the steady state."""
-
-    first_s: float
-    values_s: list[float] = field(default_factory=list)
-    event_values_s: list[float] = field(default_factory=list)
-    warmups: int = 0

@@ -31,7 +31,6 @@ class InitializerSpec:
     fn: Callable[..., LoraInit]
     invariant: Invariant
     statistics: Statistics
-    modifies_weight: bool
     paper: str
     summary: str
 
@@ -57,7 +56,6 @@ def register(
             fn=fn,
             invariant=invariant,
             statistics=statistics,
-            modifies_weight=invariant is Invariant.FUNCTION_PRESERVING,
             paper=paper,
             summary=summary,
         )

@@ -169,3 +169,18 @@ def test_bad_config_is_rejected(tmp_path, corpus_file):
         run_loss(_config(corpus_file, initializers=["olora"]), tmp_path, progress=False, source=tiny_llama_source())
     with pytest.raises(ValueError, match="steps must be >= 1"):
         run_loss(_config(corpus_file, steps=0), tmp_path, progress=False, source=tiny_llama_source())
+
+
+def test_cli_loss_saves_loadable_adapters(tmp_path, corpus_file):
+    from safetensors.torch import load_file
+
+    config = _config(corpus_file, initializers=["loram_dst"], save_adapters=tmp_path / "adapters")
+    rows = run_loss(config, tmp_path / "res", progress=False, source=tiny_llama_source())
+    folder = tmp_path / "adapters" / "loram_dst"
+    assert (folder / "adapter_config.json").is_file() and (folder / "residual_base.safetensors").is_file()
+    base, _ = tiny_llama_source().load()
+    residual = load_file(folder / "residual_base.safetensors")
+    assert set(residual) <= set(base.state_dict()) and len(residual) == 14  # 7 projections x 2 layers
+    base.load_state_dict(residual, strict=False)
+    model = PeftModel.from_pretrained(base, folder)
+    assert rows and any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)

@@ -93,7 +93,7 @@ def collect_lora_da(model, blocks: torch.Tensor, target_names: list[str], num_tr
             def output_grad_hook(g: torch.Tensor, key: str = key) -> None:
                 y2[key].add_(g.detach().reshape(-1, g.shape[-1]).float().square().sum(0))  # Σ_t (∂L_j/∂y_t)²
 
-            def forward_hook(mod, inputs, output, key=key, grad_hook=output_grad_hook):
+            def forward_hook(_module, inputs, output, key=key, grad_hook=output_grad_hook):
                 x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
                 z[key].addmm_(x.mT, x)  # Σ_t x_t x_tᵀ
                 if output.requires_grad:

@@ -26,7 +26,7 @@ from loram_ref import LoraSBStats, Statistics
 
 from ..environment import environment
 from ..results import append_row, export, read_rows
-from .apply import apply_initializer
+from .apply import apply_initializer, merge_lora_sb
 from .collect import collect_lora_da, collect_lora_sb
 from .data import load_corpus, make_blocks
 from .model import TARGETS, ModelSource, local_source, quiet_transformers, smollm2_source
@@ -53,6 +53,7 @@ class LossConfig:
     da_samples: int = 32  # x seq_len tokens; Z (n x n) needs tokens >= n to be well conditioned
     sb_warmup_ratio: float = 0.02  # LoRA-SB's η_eff = lr / (warmup_ratio · #batches · epochs), the repo's formula
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-initializer kwargs
+    save_adapters: Path | None = None  # save each trained adapter (and its residual base weights) here
 
     def validate(self) -> None:
         for name in self.initializers:
@@ -64,7 +65,7 @@ class LossConfig:
             raise ValueError("lr and alpha must be > 0")
 
     def key(self, model_name: str, data_sha: str) -> str:
-        fields = {k: str(v) for k, v in asdict(self).items() if k not in ("initializers", "threads")}
+        fields = {k: str(v) for k, v in asdict(self).items() if k not in ("initializers", "threads", "save_adapters")}
         blob = json.dumps({**fields, "model": model_name, "data": data_sha}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -137,6 +138,8 @@ def run_loss(config: LossConfig, out: Path, *, progress: bool = True, source: Mo
                       eval_every=config.eval_every, device=config.device,
                       on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
         bar.close()
+        if config.save_adapters is not None:
+            _save(model, config.save_adapters / name)
         run_rows = _rows(name, meta, curve, layers, init_seconds, collected, model)
         for row in run_rows:
             append_row(path, row)
@@ -145,6 +148,18 @@ def run_loss(config: LossConfig, out: Path, *, progress: bool = True, source: Mo
     export([r for r in rows if r.get("kind") == "loss"], out, "loss")
     export([r for r in rows if r.get("kind") == "loss_summary"], out, "loss_summary")
     return rows
+
+
+def _save(model, folder: Path) -> None:
+    """A plain PEFT adapter (LoRA-SB's R folded into A) plus, where the initializer rewrote
+    W, the residual base weights it must be loaded onto (``residual_base.safetensors``)."""
+    from safetensors.torch import save_file
+
+    merge_lora_sb(model)
+    model.save_pretrained(folder)
+    base = {k.replace(".base_layer", ""): v.detach().contiguous() for k, v in model.get_base_model().state_dict().items()
+            if "lora_" not in k and k.endswith(".base_layer.weight")}
+    save_file(base, folder / "residual_base.safetensors")
 
 
 def _rows(name, meta, curve, layers, init_seconds, collected, model) -> list[dict[str, Any]]:
