@@ -93,7 +93,8 @@ class Runner:
             return None
         per_call = law.predict(size)
         calls = 1 + task.warmups + task.min_values + 1  # cold, warm-ups, values, memory pass
-        cold_extra = max(0.0, same[-1]["first_s"] - same[-1]["median_s"])  # one-time library set-up
+        largest = max(same, key=lambda r: costlaw.size_variable(task.initializer, r["d_out"], r["d_in"]))
+        cold_extra = max(0.0, largest["first_s"] - largest["median_s"])  # one-time library set-up
         return per_call * calls + cold_extra
 
     def execute(self, task: Task, predicted: float | None = None) -> dict[str, Any]:
