@@ -50,14 +50,16 @@ def cmd_run(args) -> int:
     from .tasks import Task
 
     _check_device(args.device)
-    for flag, value, low in (("--values", args.values, 1), ("--warmups", args.warmups, 0), ("--threads", args.threads, 0)):
+    for flag, value, low in (("--values", args.values, 1), ("--warmups", args.warmups, 0), ("--threads", args.threads, 0),
+                             ("--processes", args.processes, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if not args.limit > 0:
         raise ValueError(f"--limit must be > 0, got {args.limit}")
     threads = args.threads or (torch.get_num_threads() if args.device == "cpu" else 1)
     template = Task(initializer="", d_out=1, d_in=1, rank=args.rank, warmups=args.warmups, values=args.values,
-                    min_values=min(args.values, 2), value_budget_s=args.value_budget, seed=args.seed)
+                    min_values=min(args.values, 2), value_budget_s=args.value_budget, seed=args.seed,
+                    processes=args.processes)
     tasks = init_tasks(args.preset, args.initializers, rank=args.rank, dtype=args.dtype, device=args.device,
                        threads=threads, template=template)
     runner = Runner(args.out / "init.jsonl", limit_s=args.limit, progress=not args.no_progress)
@@ -105,7 +107,7 @@ def cmd_compare(args) -> int:
 def cmd_quick(args) -> int:
     from .quick import run_quick
 
-    return run_quick(args.out, progress=not args.no_progress, skip_loss=args.skip_loss)
+    return run_quick(args.out, progress=not args.no_progress, skip_loss=args.skip_loss, baseline=args.baseline)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=float, default=600.0, help="seconds per measurement before it is killed/skipped")
     p.add_argument("--values", type=int, default=5, help="timed values per measurement (after the first call)")
     p.add_argument("--warmups", type=int, default=1)
+    p.add_argument("--processes", type=int, default=3, help="worker processes per measurement while within 2x the value budget")
     p.add_argument("--value-budget", type=float, default=30.0, help="stop taking values after this many seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", action="store_true", help="write report.html afterwards")
@@ -178,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quick", help="the quick suite of `tox -e bench`: init cost, loss runs, report")
     p.add_argument("--skip-loss", action="store_true")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="also measure every init cell into this folder, interleaved (an A/A pair for compare)")
     _add_common_run_args(p)
     p.set_defaults(func=cmd_quick)
     return parser

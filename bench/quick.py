@@ -20,18 +20,25 @@ import torch
 
 from .history import append_history
 from .results import export
-from .runner import Runner
+from .runner import Runner, run_interleaved
 from .suites import QUICK_LIMIT_S, QUICK_PRESETS, QUICK_TEMPLATE, init_tasks
 
 QUICK_LOSS_INITIALIZERS = ["noise_zeros", "pissa_rsvd", "loram_dst", "lora_sb"]
 
 
-def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False) -> int:
+def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, baseline: Path | None = None) -> int:
+    """Run the quick suite into ``out``. With ``baseline``, every init measurement is also
+    taken, interleaved, into ``baseline`` (an A/A pair for ``loram-bench compare``)."""
     started = time.perf_counter()
     threads = min(2, torch.get_num_threads())
     tasks = init_tasks(QUICK_PRESETS, rank=QUICK_TEMPLATE.rank, threads=threads, template=QUICK_TEMPLATE)
     runner = Runner(out / "init.jsonl", limit_s=QUICK_LIMIT_S, progress=progress)
-    rows = runner.run(tasks)
+    if baseline is None:
+        rows = runner.run(tasks)
+    else:
+        base_runner = Runner(Path(baseline) / "init.jsonl", limit_s=QUICK_LIMIT_S, progress=progress)
+        rows, base_rows = run_interleaved(base_runner, runner, tasks)
+        export([r for r in base_rows if r.get("kind") == "init"], Path(baseline), "init")
     export([r for r in rows if r.get("kind") == "init"], out, "init")
     added = append_history([r for r in rows if r.get("run_id") == runner.run_id], out / "history.jsonl")
     print(f"history: {added} rows appended to {out / 'history.jsonl'}", flush=True)

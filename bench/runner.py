@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -55,26 +56,37 @@ class Runner:
 
     def run(self, tasks: list[Task]) -> list[dict[str, Any]]:
         """Run what is not yet done; return every row of the results file."""
+        rows, pending = self.pending(tasks)
+        bar = tqdm(pending, desc="init cost", unit="task", disable=not self.progress, dynamic_ncols=True)
+        for task in bar:
+            bar.set_postfix_str(f"{task.initializer} {task.d_out}x{task.d_in} {task.dtype} {task.device}")
+            self.run_one(task, rows, bar.write)
+        return rows
+
+    def pending(self, tasks: list[Task]) -> tuple[list[dict[str, Any]], list[Task]]:
+        """The rows already in the results file, and the tasks not yet done, smallest first
+        (so each initializer's cost law exists before its large shapes come up)."""
         rows = read_rows(self.results_path)
         done = done_keys(rows)
         pending = sorted((t for t in tasks if t.key not in done), key=lambda t: (t.d_out * t.d_in, t.d_out))
         if len(pending) < len(tasks):
             print(f"resuming: {len(tasks) - len(pending)} of {len(tasks)} measurements already in {self.results_path}", file=sys.stderr)
-        bar = tqdm(pending, desc="init cost", unit="task", disable=not self.progress, dynamic_ncols=True)
-        for task in bar:
-            bar.set_postfix_str(f"{task.initializer} {task.d_out}x{task.d_in} {task.dtype} {task.device}")
-            predicted = self.predict(task, rows)
-            if predicted is not None and predicted > self.limit_s:
-                reason = (f"predicted {predicted:.0f} s > limit {self.limit_s:.0f} s" if predicted != float("inf")
-                          else "a smaller shape of this initializer already exceeded the limit")
-                row = self._row(task, SKIPPED, predicted_s=None if predicted == float("inf") else predicted, reason=reason)
-            else:
-                row = self.execute(task, predicted)
-            append_row(self.results_path, row)
-            rows.append(row)
-            if row["status"] != OK:
-                bar.write(f"  {task.initializer} {task.d_out}x{task.d_in}: {row['status']}: {row.get('reason', '')}")
-        return rows
+        return rows, pending
+
+    def run_one(self, task: Task, rows: list[dict[str, Any]], say: Callable[[str], None] = print) -> dict[str, Any]:
+        """Measure (or skip) one task, append its row to the file and to ``rows``."""
+        predicted = self.predict(task, rows)
+        if predicted is not None and predicted > self.limit_s:
+            reason = (f"predicted {predicted:.0f} s > limit {self.limit_s:.0f} s" if predicted != float("inf")
+                      else "a smaller shape of this initializer already exceeded the limit")
+            row = self._row(task, SKIPPED, predicted_s=None if predicted == float("inf") else predicted, reason=reason)
+        else:
+            row = self.execute(task, predicted)
+        append_row(self.results_path, row)
+        rows.append(row)
+        if row["status"] != OK:
+            say(f"  {task.initializer} {task.d_out}x{task.d_in}: {row['status']}: {row.get('reason', '')}")
+        return row
 
     def predict(self, task: Task, rows: list[dict[str, Any]]) -> float | None:
         """Predicted wall time of the whole worker from finished rows of the same kind."""
@@ -98,14 +110,21 @@ class Runner:
         return per_call * calls + cold_extra
 
     def execute(self, task: Task, predicted: float | None = None) -> dict[str, Any]:
+        """Run the task's worker process(es); one row with every value, or the failure."""
         fork = self.launcher == "auto" and task.device == "cpu" and "forkserver" in multiprocessing.get_all_start_methods()
         started = time.perf_counter()
-        status, result, reason = (self._forked if fork else self._spawned)(task)
-        if status != OK:
-            return self._row(task, status, predicted_s=predicted, worker_wall_s=time.perf_counter() - started,
-                             reason=reason[:1000])
-        result.pop("status", None)
-        return self._row(task, OK, predicted_s=predicted, **result)
+        results: list[dict[str, Any]] = []
+        while len(results) < max(1, task.processes):
+            status, result, reason = (self._forked if fork else self._spawned)(task)
+            if status != OK:
+                return self._row(task, status, predicted_s=predicted, worker_wall_s=time.perf_counter() - started,
+                                 reason=reason[:1000])
+            results.append(result)
+            if time.perf_counter() - started > 2 * task.value_budget_s:
+                break
+        merged = _merge(results)
+        merged.pop("status", None)
+        return self._row(task, OK, predicted_s=predicted, **merged)
 
     def _forked(self, task: Task) -> tuple[str, dict | None, str]:
         ctx = _fork_server()
@@ -164,6 +183,48 @@ class Runner:
             **fields,
             **environment(),
         }
+
+
+def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the results of several worker processes of the same task."""
+    if len(results) == 1:
+        return {**results[0], "processes": 1}
+    values = [v for r in results for v in r["values_s"]]
+    merged = dict(results[0])
+    merged.update(
+        processes=len(results),
+        values_s=values,
+        event_values_s=[v for r in results for v in r.get("event_values_s", [])],
+        first_values_s=[r["first_s"] for r in results],  # one cold call per process
+        median_s=statistics.median(values),
+        mean_s=statistics.fmean(values),
+        stdev_s=statistics.stdev(values) if len(values) > 1 else 0.0,
+        worker_wall_s=sum(r.get("worker_wall_s", 0.0) for r in results),
+    )
+    for key in ("peak_cpu_extra_bytes", "peak_rss_bytes", "peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes"):
+        merged[key] = max(r.get(key) or 0 for r in results)
+    return merged
+
+
+def run_interleaved(first: Runner, second: Runner, tasks: list[Task]) -> tuple[list[dict], list[dict]]:
+    """Measure every task with both runners back to back, alternating which goes first
+    (A B, B A, A B, ...), so that slow drift of the machine (frequency, neighbours,
+    thermal state) lands on both sides alike: asv's interleaved rounds, per task.
+
+    Two runners of the same code give an A/A comparison; runners whose ``worker_cmd``
+    runs two checkouts (``launcher="spawn"``) give an A/B one.
+    """
+    rows_a, pending_a = first.pending(tasks)
+    rows_b, pending_b = second.pending(tasks)
+    keys_b = {t.key for t in pending_b}
+    queue = [t for t in pending_a if t.key in keys_b]
+    bar = tqdm(queue, desc="init cost (interleaved)", unit="pair", disable=not first.progress, dynamic_ncols=True)
+    for i, task in enumerate(bar):
+        bar.set_postfix_str(f"{task.initializer} {task.d_out}x{task.d_in}")
+        pair = ((first, rows_a), (second, rows_b)) if i % 2 == 0 else ((second, rows_b), (first, rows_a))
+        for runner, rows in pair:
+            runner.run_one(task, rows, bar.write)
+    return rows_a, rows_b
 
 
 _FORK_SERVER = None

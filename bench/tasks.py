@@ -14,6 +14,10 @@ class Task:
 
     ``warmups`` calls follow the first (cold) call; then up to ``values`` timed calls, or
     fewer once ``value_budget_s`` of timed work is spent (never fewer than ``min_values``).
+    Up to ``processes`` workers each contribute values, while their total wall time stays
+    under ``2 · value_budget_s``: values of one process share its state (allocator,
+    caches, frequency), so the spread between processes must be in the sample (pyperf's
+    lesson) for a comparison's test to mean anything.
     """
 
     initializer: str
@@ -32,6 +36,7 @@ class Task:
     values: int = 5
     min_values: int = 2
     value_budget_s: float = 10.0
+    processes: int = 1
     options: dict[str, Any] = field(default_factory=dict)
 
     @property

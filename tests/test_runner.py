@@ -11,7 +11,7 @@ import time
 import pytest
 
 from bench import results
-from bench.runner import Runner
+from bench.runner import Runner, run_interleaved
 from bench.tasks import Task
 
 
@@ -116,3 +116,42 @@ def test_spawned_worker_crash(tmp_path):
     cmd = [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"]
     (row,) = Runner(tmp_path / "r.jsonl", progress=False, launcher="spawn", worker_cmd=cmd).run([_tasks()[0]])
     assert row["status"] == "crashed" and "exit code 3" in row["reason"] and "boom" in row["reason"]
+
+
+def _log_a(task: Task) -> dict:
+    with open(task.options["log"], "a") as fh:
+        fh.write(f"A{task.d_out}\n")
+    return _ok(task)
+
+
+def _log_b(task: Task) -> dict:
+    with open(task.options["log"], "a") as fh:
+        fh.write(f"B{task.d_out}\n")
+    return _ok(task)
+
+
+def test_interleaved_runs_alternate_order_and_fill_both_files(tmp_path):
+    log = tmp_path / "order.txt"
+    tasks = [dataclasses.replace(t, options={"log": str(log)}) for t in _tasks()]
+    a = Runner(tmp_path / "a" / "init.jsonl", worker_fn=_log_a, progress=False, run_id="A")
+    b = Runner(tmp_path / "b" / "init.jsonl", worker_fn=_log_b, progress=False, run_id="B")
+    rows_a, rows_b = run_interleaved(a, b, tasks)
+    assert [r["d_out"] for r in rows_a] == [16, 32, 64] and [r["d_out"] for r in rows_b] == [16, 32, 64]
+    assert {r["run_id"] for r in rows_a} == {"A"} and {r["run_id"] for r in rows_b} == {"B"}
+    assert log.read_text().split() == ["A16", "B16", "B32", "A32", "A64", "B64"]  # A B, B A, A B
+    assert len(results.read_rows(tmp_path / "a" / "init.jsonl")) == 3 == len(results.read_rows(tmp_path / "b" / "init.jsonl"))
+
+
+def test_several_processes_pool_their_values(tmp_path):
+    log = tmp_path / "calls.txt"
+    task = Task("noise_zeros", 16, 16, 4, processes=3, value_budget_s=30, options={"log": str(log)})
+    (row,) = Runner(tmp_path / "r.jsonl", worker_fn=_counting, progress=False).run([task])
+    assert log.read_text().split() == ["16", "16", "16"]  # three worker processes
+    assert row["processes"] == 3 and len(row["values_s"]) == 3 and len(row["first_values_s"]) == 3
+
+
+def test_slow_cells_stop_adding_processes(tmp_path):
+    log = tmp_path / "calls.txt"
+    task = Task("noise_zeros", 16, 16, 4, processes=3, value_budget_s=0.0, options={"log": str(log)})
+    (row,) = Runner(tmp_path / "r.jsonl", worker_fn=_counting, progress=False).run([task])
+    assert log.read_text().split() == ["16"] and row["processes"] == 1
