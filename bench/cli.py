@@ -44,7 +44,7 @@ def cmd_list(args) -> int:
 def cmd_run(args) -> int:
     import torch
 
-    from .results import export
+    from .results import export_kind
     from .runner import Runner
     from .suites import init_tasks
     from .tasks import Task
@@ -64,7 +64,7 @@ def cmd_run(args) -> int:
                        threads=threads, template=template)
     runner = Runner(args.out / "init.jsonl", limit_s=args.limit, progress=not args.no_progress)
     rows = runner.run(tasks)
-    csv_path, _ = export([r for r in rows if r.get("kind") == "init"], args.out, "init")
+    csv_path, _ = export_kind(rows, args.out, "init")
     print(f"init results: {args.out / 'init.jsonl'} ({csv_path.name}, init.json)")
     if args.report:
         return _report(args.out, args.out / "report.html")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .history import append_history
-from .results import export
+from .results import export_kind
 from .runner import Runner, run_interleaved
 from .suites import QUICK_LIMIT_S, QUICK_PRESETS, QUICK_TEMPLATE, init_tasks
 
@@ -38,8 +38,8 @@ def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, base
     else:
         base_runner = Runner(Path(baseline) / "init.jsonl", limit_s=QUICK_LIMIT_S, progress=progress)
         rows, base_rows = run_interleaved(base_runner, runner, tasks)
-        export([r for r in base_rows if r.get("kind") == "init"], Path(baseline), "init")
-    export([r for r in rows if r.get("kind") == "init"], out, "init")
+        export_kind(base_rows, Path(baseline), "init")
+    export_kind(rows, out, "init")
     added = append_history([r for r in rows if r.get("run_id") == runner.run_id], out / "history.jsonl")
     print(f"history: {added} rows appended to {out / 'history.jsonl'}", flush=True)
     print(f"init cost: {len(tasks)} measurements in {time.perf_counter() - started:.0f} s", flush=True)

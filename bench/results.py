@@ -66,3 +66,8 @@ def export(rows: list[dict[str, Any]], out_dir: Path, stem: str) -> tuple[Path, 
     flat.to_csv(csv_path, index=False)
     frame.to_json(json_path, orient="records", indent=1)
     return csv_path, json_path
+
+
+def export_kind(rows: list[dict[str, Any]], out_dir: Path, kind: str) -> tuple[Path, Path]:
+    """:func:`export` the rows of one ``kind`` ("init", "loss", "loss_summary") as ``kind.csv/json``."""
+    return export([r for r in rows if r.get("kind") == kind], out_dir, kind)

@@ -25,7 +25,7 @@ import loram_ref
 from loram_ref import LoraSBStats, Statistics
 
 from ..environment import environment
-from ..results import append_row, export, read_rows
+from ..results import append_row, export_kind, read_rows
 from .apply import apply_initializer, merge_lora_sb
 from .collect import collect_lora_da, collect_lora_sb
 from .data import load_corpus, make_blocks
@@ -145,8 +145,8 @@ def run_loss(config: LossConfig, out: Path, *, progress: bool = True, source: Mo
             append_row(path, row)
         rows.extend(run_rows)
         del model
-    export([r for r in rows if r.get("kind") == "loss"], out, "loss")
-    export([r for r in rows if r.get("kind") == "loss_summary"], out, "loss_summary")
+    export_kind(rows, out, "loss")
+    export_kind(rows, out, "loss_summary")
     return rows
 
 
