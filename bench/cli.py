@@ -1,10 +1,16 @@
-"""``loram-bench``: shapes, init-cost runs, loss runs, reports and regression comparison."""
+"""``loram-bench``: shapes, init-cost runs, loss runs, reports and regression comparison.
+
+The command line is the top layer: it is the only module of ``bench`` that builds
+reports (``reports``); library modules return rows and tables.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_OUT = Path("results")
@@ -13,6 +19,24 @@ DEFAULT_OUT = Path("results")
 def _add_common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: results/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
+          "t": 1 << 40, "tib": 1 << 40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """``8GiB``, ``512M``, ``1.5g`` or plain bytes → bytes (argparse type of ``--memory-limit``)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 8GiB, 512MiB or a number of bytes)")
+    value = float(match.group(1)) * _UNITS[unit]
+    if value < 1 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is below 1 MiB: no worker can start under it")
+    return int(value)
 
 
 def _check_device(device: str) -> None:
@@ -44,6 +68,7 @@ def cmd_list(args) -> int:
 def cmd_run(args) -> int:
     import torch
 
+    from .catalog import write_catalog
     from .results import export_kind
     from .runner import Runner
     from .suites import init_tasks
@@ -54,15 +79,19 @@ def cmd_run(args) -> int:
                              ("--processes", args.processes, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    if not args.limit > 0:
-        raise ValueError(f"--limit must be > 0, got {args.limit}")
+    if not (args.limit > 0 and math.isfinite(args.limit)):
+        raise ValueError(f"--limit must be > 0 and finite (seconds), got {args.limit}")
+    if not (args.value_budget >= 0 and math.isfinite(args.value_budget)):
+        raise ValueError(f"--value-budget must be >= 0 and finite (seconds), got {args.value_budget}")
     threads = args.threads or (torch.get_num_threads() if args.device == "cpu" else 1)
     template = Task(initializer="", d_out=1, d_in=1, rank=args.rank, warmups=args.warmups, values=args.values,
                     min_values=min(args.values, 2), value_budget_s=args.value_budget, seed=args.seed,
                     processes=args.processes)
     tasks = init_tasks(args.preset, args.initializers, rank=args.rank, dtype=args.dtype, device=args.device,
                        threads=threads, template=template)
-    runner = Runner(args.out / "init.jsonl", limit_s=args.limit, progress=not args.no_progress)
+    write_catalog(args.out, args.preset)
+    runner = Runner(args.out / "init.jsonl", limit_s=args.limit, progress=not args.no_progress,
+                    memory_limit_bytes=args.memory_limit)
     rows = runner.run(tasks)
     csv_path, _ = export_kind(rows, args.out, "init")
     print(f"init results: {args.out / 'init.jsonl'} ({csv_path.name}, init.json)")
@@ -86,32 +115,61 @@ def cmd_loss(args) -> int:
     return 0
 
 
-def _report(results_dir: Path, out: Path, comparison=None) -> int:
+def _write_report(results_dir: Path, out: Path, comparison=None, title: str = "loram-bench report") -> Path:
     from reports.html import build_report
 
-    path = build_report(results_dir, out, comparison=comparison)
+    from .suites import SPEEDUP_REFERENCE
+
+    return build_report(results_dir, out, comparison=comparison, title=title, speedup_reference=SPEEDUP_REFERENCE)
+
+
+def _report(results_dir: Path, out: Path, comparison=None, title: str = "loram-bench report") -> int:
+    path = _write_report(results_dir, out, comparison, title)
     print(f"report: {path.resolve()}")
     return 0
 
 
 def cmd_report(args) -> int:
-    return _report(args.results, args.out or args.results / "report.html")
+    if not args.results.exists():
+        raise FileNotFoundError(f"no results folder or file at {args.results}; run `loram-bench run` or `quick` first")
+    folder = args.results if args.results.is_dir() else args.results.parent
+    if not any((folder / name).is_file() for name in ("init.jsonl", "loss.jsonl")) and args.results.is_dir():
+        raise FileNotFoundError(f"{args.results} holds no init.jsonl or loss.jsonl; is it a loram-bench results folder?")
+    return _report(args.results, args.out or folder / "report.html")
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare_main
+    from .compare import VERDICT_TEXT, Thresholds, compare_folders, exit_code, load_init, summarize
 
-    return compare_main(args)
+    comparison = compare_folders(args.base, args.new, Thresholds(args.threshold, args.memory_threshold, args.alpha))
+    print(summarize(comparison))
+    if args.history:
+        from .history import append_history
+
+        append_history(load_init(args.new).to_dict("records"), args.history)
+    if args.report:
+        new_dir = args.new if Path(args.new).is_dir() else Path(args.new).parent
+        _report(new_dir, args.report, comparison=comparison, title="loram-bench comparison")
+    code = exit_code(comparison)
+    print(VERDICT_TEXT[code])
+    return code
 
 
 def cmd_quick(args) -> int:
     from .quick import run_quick
 
-    return run_quick(args.out, progress=not args.no_progress, skip_loss=args.skip_loss, baseline=args.baseline)
+    started = time.perf_counter()
+    run_quick(args.out, progress=not args.no_progress, skip_loss=args.skip_loss, baseline=args.baseline)
+    path = _write_report(args.out, args.out / "report.html")
+    print(f"quick suite done in {time.perf_counter() - started:.0f} s")
+    print(f"report: {path.resolve()}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     import loram_ref
+
+    from .suites import DEFAULT_LOSS_INITIALIZERS
 
     names = sorted(loram_ref.INITIALIZERS)
     parser = argparse.ArgumentParser(prog="loram-bench", description=__doc__)
@@ -137,13 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmups", type=int, default=1)
     p.add_argument("--processes", type=int, default=3, help="worker processes per measurement while within 2x the value budget")
     p.add_argument("--value-budget", type=float, default=30.0, help="stop taking values after this many seconds")
+    p.add_argument("--memory-limit", type=parse_size, default=None, metavar="SIZE",
+                   help="cap each worker's extra memory (e.g. 8GiB, 512MiB); an allocation beyond it is recorded as 'oom'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", action="store_true", help="write report.html afterwards")
     _add_common_run_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("loss", help="short LoRA training runs per initializer on a real model")
-    p.add_argument("--initializers", nargs="+", choices=names, default=["noise_zeros", "pissa_rsvd", "loram_dst", "lora_sb"])
+    p.add_argument("--initializers", nargs="+", choices=names, default=list(DEFAULT_LOSS_INITIALIZERS))
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
@@ -194,7 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        where = f"; what finished is in {out}, and the same command resumes" if out else ""
+        print(f"interrupted{where}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,15 +1,19 @@
-"""``loram-bench compare BASE NEW``: per initializer and shape, NEW/BASE with statistics.
+"""``loram-bench compare BASE NEW``: per cell, NEW/BASE of every gated metric.
 
-Timing is noisy, so a cell is called *slower* only when both hold (asv's rule, spec'd in
-the bench anchors §6): the ratio of medians exceeds ``1 + threshold`` **and** a two-sided
-Mann-Whitney U test on the raw values rejects equality at ``alpha``. With n and m
-values, the smallest p-value the exact test can reach is ``2/C(n+m, n)``; a cell whose
-samples cannot reach ``alpha`` is reported as *inconclusive*, never as a regression.
-(pyperf's compare_to is not used: it mislabels samples of unequal size.)
+Cells are matched by their identity (``bench.identity``); which metrics are compared and
+how is read from the metric table (``bench.metrics``):
 
-Peak memory is near-deterministic and has one value per cell: it is flagged when it
-grows by more than ``memory_threshold`` and more than one MiB (the allocator's noise).
+* a *test*-gated metric (time) is called a regression (*slower*) only when both hold
+  (asv's rule, the bench anchors §6): the ratio of medians exceeds ``1 + threshold``
+  **and** a two-sided Mann-Whitney U test on the raw values rejects equality at
+  ``alpha``. With n and m values the smallest p-value the exact test can reach is
+  ``2/C(n+m, n)``; a cell whose samples cannot reach ``alpha`` is *inconclusive*, never a
+  regression. (pyperf's compare_to is not used: it mislabels samples of unequal size.)
+* a *threshold*-gated metric (peak memory, near-deterministic, one value per cell) is
+  flagged when it grows by more than ``memory_threshold`` and more than one MiB (the
+  allocator's noise).
 
+This module returns tables and exit codes; the command line prints and reports them.
 Exit codes: 0 no regression; 1 a significant slowdown or memory growth; 3 some cell
 measured in BASE could not be measured in NEW (crash, timeout, missing), and no
 regression; 2 bad input (argparse's convention).
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +30,13 @@ from typing import Any
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
+from .identity import IDENTITY_FIELDS
+from .metrics import Gate, gated
 from .results import OK, read_rows, to_frame
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_UNMEASURABLE = 0, 1, 2, 3
 MEMORY_FLOOR_BYTES = 1 << 20
-IDENTITY = ["initializer", "d_out", "d_in", "rank", "dtype", "device", "threads", "options"]
+REGRESSIONS = ("slower", "more memory", "slower, more memory")
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,16 @@ class Thresholds:
     memory: float = 0.05
     alpha: float = 0.01
 
+    def validate(self) -> None:
+        for name, value in (("--threshold", self.time), ("--memory-threshold", self.memory)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"--alpha must be in (0, 1), got {self.alpha}")
 
-def _rows(path: Path) -> pd.DataFrame:
+
+def load_init(path: Path) -> pd.DataFrame:
+    """The latest init row per cell of a results folder (or an ``init.jsonl``)."""
     path = Path(path)
     file = path / "init.jsonl" if path.is_dir() else path
     if not file.is_file():
@@ -57,21 +70,20 @@ def min_reachable_p(n: int, m: int) -> float:
     return min(1.0, 2.0 / math.comb(n + m, n))
 
 
-def compare_cell(base: dict[str, Any], new: dict[str, Any], th: Thresholds) -> dict[str, Any]:
-    out = {k: base[k] for k in IDENTITY if k in base}
+def compare_cell(base: dict[str, Any], new: dict[str, Any] | None, th: Thresholds) -> dict[str, Any]:
+    out = {k: base[k] for k in IDENTITY_FIELDS if k in base}
     out["shape"] = f"{base['d_out']}x{base['d_in']}"
     if base.get("status") != OK:
         return {**out, "verdict": "no baseline", "detail": f"baseline {base.get('status')}"}
     if new is None or new.get("status") != OK:
         status = "missing" if new is None else new.get("status")
         return {**out, "verdict": "unmeasurable", "detail": f"new run: {status} {'' if new is None else new.get('reason', '')}"[:200]}
-    a, b = list(base["values_s"]), list(new["values_s"])
+    (time_metric,) = gated(Gate.TEST)
+    a, b = list(base[time_metric.field]), list(new[time_metric.field])
     ratio = statistics.median(b) / statistics.median(a)
     reachable = min_reachable_p(len(a), len(b))
     p = float(mannwhitneyu(a, b, alternative="two-sided", method="exact" if len(a) + len(b) <= 40 else "asymptotic").pvalue) \
-        if reachable <= 1.0 and len(a) and len(b) else 1.0
-    mem_a, mem_b = float(base.get("peak_cpu_extra_bytes") or 0), float(new.get("peak_cpu_extra_bytes") or 0)
-    gpu_a, gpu_b = float(base.get("peak_gpu_allocated_bytes") or 0), float(new.get("peak_gpu_allocated_bytes") or 0)
+        if len(a) and len(b) else 1.0
     verdict, detail = "same", ""
     if p < th.alpha and ratio > 1 + th.time:
         verdict = "slower"
@@ -79,13 +91,16 @@ def compare_cell(base: dict[str, Any], new: dict[str, Any], th: Thresholds) -> d
         verdict = "faster"
     elif reachable > th.alpha:
         verdict, detail = "inconclusive", f"{len(a)} vs {len(b)} values cannot reach p < {th.alpha} (min p {reachable:.3g})"
-    for label, x, y in (("CPU", mem_a, mem_b), ("GPU", gpu_a, gpu_b)):
+    ratios = {}
+    for metric in gated(Gate.THRESHOLD):
+        x, y = float(base.get(metric.name) or 0), float(new.get(metric.name) or 0)
+        ratios[f"{metric.name.removesuffix('_bytes')}_ratio"] = (y / x) if x else float("nan")
         if y - x > max(MEMORY_FLOOR_BYTES, th.memory * x):
             verdict = "slower, more memory" if verdict == "slower" else "more memory"
-            detail = f"{label} peak {x / 2**20:.1f} -> {y / 2**20:.1f} MiB"
+            detail = f"{metric.label}: {x / 2**20:.1f} -> {y / 2**20:.1f} MiB"
     return {**out, "verdict": verdict, "time_ratio": ratio, "p_value": p, "base_median_s": statistics.median(a),
             "new_median_s": statistics.median(b), "n_base": len(a), "n_new": len(b),
-            "cpu_mem_ratio": (mem_b / mem_a) if mem_a else float("nan"), "detail": detail}
+            "cpu_mem_ratio": ratios.get("peak_cpu_extra_ratio", float("nan")), "detail": detail}
 
 
 def compare_frames(base: pd.DataFrame, new: pd.DataFrame, th: Thresholds) -> pd.DataFrame:
@@ -94,9 +109,19 @@ def compare_frames(base: pd.DataFrame, new: pd.DataFrame, th: Thresholds) -> pd.
     return pd.DataFrame(rows)
 
 
+def compare_folders(base: Path, new: Path, th: Thresholds) -> pd.DataFrame:
+    """The comparison table of two results folders (or ``init.jsonl`` files)."""
+    th.validate()
+    base_frame, new_frame = load_init(base), load_init(new)
+    if not set(base_frame["task_key"]) & set(new_frame["task_key"]):
+        raise ValueError(f"no common cells: {base} ({len(base_frame)} cells) and {new} ({len(new_frame)} cells) measured "
+                         "different initializers, shapes, rank, scaling, dtype, device, threads or options")
+    return compare_frames(base_frame, new_frame, th)
+
+
 def exit_code(comparison: pd.DataFrame) -> int:
     verdicts = set(comparison["verdict"])
-    if verdicts & {"slower", "more memory", "slower, more memory"}:
+    if verdicts & set(REGRESSIONS):
         return EXIT_REGRESSION
     if "unmeasurable" in verdicts:
         return EXIT_UNMEASURABLE
@@ -106,7 +131,7 @@ def exit_code(comparison: pd.DataFrame) -> int:
 def summarize(comparison: pd.DataFrame) -> str:
     counts = comparison["verdict"].value_counts().to_dict()
     lines = [f"{len(comparison)} cells: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))]
-    flagged = comparison[comparison["verdict"].isin(["slower", "more memory", "slower, more memory", "unmeasurable"])]
+    flagged = comparison[comparison["verdict"].isin([*REGRESSIONS, "unmeasurable"])]
     for r in flagged.to_dict("records"):
         ratio = r.get("time_ratio")
         ratio_text = f" time x{ratio:.2f} (p={r['p_value']:.2g})" if isinstance(ratio, float) and not math.isnan(ratio) else ""
@@ -118,31 +143,4 @@ def summarize(comparison: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def compare_main(args) -> int:
-    try:
-        base, new = _rows(args.base), _rows(args.new)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    for name, value in (("--threshold", args.threshold), ("--memory-threshold", args.memory_threshold)):
-        if not value >= 0:
-            print(f"error: {name} must be >= 0, got {value}", file=sys.stderr)
-            return EXIT_USAGE
-    if not 0 < args.alpha < 1:
-        print(f"error: --alpha must be in (0, 1), got {args.alpha}", file=sys.stderr)
-        return EXIT_USAGE
-    comparison = compare_frames(base, new, Thresholds(args.threshold, args.memory_threshold, args.alpha))
-    print(summarize(comparison))
-    if args.history:
-        from .history import append_history
-
-        append_history(new.to_dict("records"), args.history)
-    if args.report:
-        from reports.html import build_report
-
-        new_dir = args.new if Path(args.new).is_dir() else Path(args.new).parent
-        path = build_report(new_dir, args.report, comparison=comparison, title="loram-bench comparison")
-        print(f"report: {path.resolve()}")
-    code = exit_code(comparison)
-    print({EXIT_OK: "no regression", EXIT_REGRESSION: "REGRESSION", EXIT_UNMEASURABLE: "COULD NOT MEASURE"}[code])
-    return code
+VERDICT_TEXT = {EXIT_OK: "no regression", EXIT_REGRESSION: "REGRESSION", EXIT_UNMEASURABLE: "COULD NOT MEASURE"}

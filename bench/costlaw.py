@@ -1,8 +1,9 @@
 """Fitted cost laws ``t = c · x^k``: extrapolate skipped shapes instead of leaving holes.
 
-``x`` is the natural size variable of the algorithm (spec §8): ``m·n·min(m, n)`` for a
-full SVD, ``n²·(m+n)`` for LoRA-DA, ``m·n`` for everything whose cost is a fixed number
-of passes over ``W`` or a GEMM with a fixed rank. Two laws per initializer:
+``x`` is the natural size variable of the algorithm (spec §8), declared as the cost
+class of each initializer on the registry (``loram_ref.registry.CostClass``):
+``m·n·min(m, n)`` for a full SVD, ``n²·(m+n)`` for input-space work, ``m·n`` for
+everything whose cost is a fixed number of passes over ``W`` or a GEMM with a fixed rank. Two laws per initializer:
 
 * the *descriptive* law: ``c`` and ``k`` by least squares in log-log space over the
   largest measured sizes; ``k`` near 1 says the measurements follow the nominal
@@ -18,27 +19,15 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-#: Initializers whose cost grows as m·n·min(m, n) (a full decomposition).
-CUBIC = {"pissa"}
-#: Initializers dominated by n x n input-space work (Cholesky, Z⁻¹, Δ̂ᵀΔ̂, LOBPCG on Ω):
-#: O(n³ + m·n²), spec §4 "Cost".
-INPUT_SPACE = {"lora_da"}
-
+from loram_ref import get_initializer
 
 def size_variable(initializer: str, d_out: int, d_in: int) -> float:
-    if initializer in CUBIC:
-        return float(d_out) * d_in * min(d_out, d_in)
-    if initializer in INPUT_SPACE:
-        return float(d_in) * d_in * (d_out + d_in)
-    return float(d_out) * d_in
+    """The initializer's size variable ``x`` at ``d_out x d_in`` (its cost class on the registry)."""
+    return get_initializer(initializer).cost.size(d_out, d_in)
 
 
 def size_variable_name(initializer: str) -> str:
-    if initializer in CUBIC:
-        return "m·n·min(m,n)"
-    if initializer in INPUT_SPACE:
-        return "n²·(m+n)"
-    return "m·n"
+    return get_initializer(initializer).cost.name
 
 
 @dataclass(frozen=True)
@@ -83,8 +72,8 @@ LARGEST_SIZES = 3
 
 
 def fit_rows(rows: list[dict], initializer: str, metric: str = "median_s", largest: int = LARGEST_SIZES) -> CostLaw | None:
-    """Fit one initializer's ok rows (same device/dtype/rank assumed by the caller) over
-    its ``largest`` distinct sizes."""
+    """Fit one initializer's ok rows over its ``largest`` distinct sizes; the caller
+    passes the rows of one family (``bench.identity.family``)."""
     pts = [
         (size_variable(initializer, r["d_out"], r["d_in"]), r[metric])
         for r in rows

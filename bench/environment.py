@@ -77,6 +77,27 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def worker_environment(cpu_peak_method: str = "") -> dict[str, Any]:
+    """What a worker process records about itself; runs of one cell must agree on it.
+
+    ``loram_ref_path`` says which tree the initializers were imported from (two
+    checkouts measured side by side differ there).
+    """
+    import torch
+
+    import loram_ref
+
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "hostname": socket.gethostname(),
+        "loram_ref_path": str(Path(loram_ref.__file__).resolve().parent),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "cpu_peak_method": cpu_peak_method,
+    }
+
+
 def machine_id(env: dict[str, Any]) -> str:
     """A short label for 'the same machine' when comparing histories."""
     gpu = env.get("gpu_name") or "cpu"

@@ -2,10 +2,10 @@
 
 1. Init cost of every initializer on the unique shapes of a small model and Llama-2-7B
    (CPU, fp32, rank 16), cells predicted past the limit skipped and extrapolated.
-2. Short loss runs on SmolLM2-135M: noise-zeros, PiSSA (randomized), LoRAM-DST and
-   LoRA-SB, the same seed and batch order, 40 steps of 4 x 64 tokens.
-3. The run's init rows appended to ``history.jsonl`` (the report's trend), then the
-   HTML report, whose path is printed last.
+2. Short loss runs on SmolLM2-135M of the default loss initializers, the same seed and
+   batch order, 40 steps of 4 x 64 tokens.
+3. The run's init rows appended to ``history.jsonl`` (the report's trend) and the shape
+   catalog written; the command line then builds the HTML report.
 
 A rerun into the same folder resumes: measurements already there are not repeated
 (delete the folder, or pass another ``--out``, for a fresh run).
@@ -18,26 +18,27 @@ from pathlib import Path
 
 import torch
 
+from .catalog import write_catalog
 from .history import append_history
 from .results import export_kind
 from .runner import Runner, run_interleaved
-from .suites import QUICK_LIMIT_S, QUICK_PRESETS, QUICK_TEMPLATE, init_tasks
-
-QUICK_LOSS_INITIALIZERS = ["noise_zeros", "pissa_rsvd", "loram_dst", "lora_sb"]
+from .suites import DEFAULT_LOSS_INITIALIZERS, QUICK_LIMIT_S, QUICK_PRESETS, QUICK_TEMPLATE, init_tasks
 
 
-def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, baseline: Path | None = None) -> int:
+def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, baseline: Path | None = None) -> None:
     """Run the quick suite into ``out``. With ``baseline``, every init measurement is also
     taken, interleaved, into ``baseline`` (an A/A pair for ``loram-bench compare``)."""
     started = time.perf_counter()
     threads = min(2, torch.get_num_threads())
     tasks = init_tasks(QUICK_PRESETS, rank=QUICK_TEMPLATE.rank, threads=threads, template=QUICK_TEMPLATE)
+    write_catalog(out, QUICK_PRESETS)
     runner = Runner(out / "init.jsonl", limit_s=QUICK_LIMIT_S, progress=progress)
     if baseline is None:
         rows = runner.run(tasks)
     else:
+        write_catalog(Path(baseline), QUICK_PRESETS)
         base_runner = Runner(Path(baseline) / "init.jsonl", limit_s=QUICK_LIMIT_S, progress=progress)
-        rows, base_rows = run_interleaved(base_runner, runner, tasks)
+        base_rows, rows = run_interleaved(base_runner, runner, tasks)
         export_kind(base_rows, Path(baseline), "init")
     export_kind(rows, out, "init")
     added = append_history([r for r in rows if r.get("run_id") == runner.run_id], out / "history.jsonl")
@@ -47,11 +48,5 @@ def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, base
         from .loss.run import LossConfig, run_loss
 
         loss_started = time.perf_counter()
-        run_loss(LossConfig(initializers=QUICK_LOSS_INITIALIZERS, threads=threads), out, progress=progress)
+        run_loss(LossConfig(initializers=list(DEFAULT_LOSS_INITIALIZERS), threads=threads), out, progress=progress)
         print(f"loss runs: {time.perf_counter() - loss_started:.0f} s", flush=True)
-    from reports.html import build_report
-
-    path = build_report(out, out / "report.html")
-    print(f"quick suite done in {time.perf_counter() - started:.0f} s")
-    print(f"report: {path.resolve()}")
-    return 0

@@ -1,54 +1,193 @@
-"""Result rows: one dict per measurement, appended to JSONL as it finishes.
+"""Result files: rows appended to JSONL as each measurement finishes, read back in the
+current schema (``bench.schema``), and exported as tidy CSV / JSON tables.
 
-JSONL is the canonical store (append-only, so a crash loses nothing and a rerun skips
-what is done); :func:`export` writes the tidy pandas table as CSV and JSON.
+JSONL is the canonical store, append-only, so a crash loses nothing and a rerun skips
+what is done. It is kept safe against the damage a kill or a disk can do:
+
+* each row is one ``os.write`` of a whole line on an ``O_APPEND`` descriptor; a file whose
+  last line was cut off (a kill during a write) gets a newline first, so the next row is
+  never glued onto the torn one;
+* readers skip a line that does not parse and say so, with its line number;
+* writers :func:`repair` a file before their first append: every such line is moved to a
+  side file (``init.rejected.jsonl`` beside ``init.jsonl``) with its line number and the
+  parse error, so nothing is deleted and the cell it held is measured again;
+* a results file that cannot be written is an error before anything is measured.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 
-#: Row status values. "ok" rows carry measurements; the others carry a ``reason``.
-OK, SKIPPED, TIMEOUT, CRASHED, FAILED = "ok", "skipped", "timeout", "crashed", "failed"
+from .identity import cell_key
+from .schema import CRASHED, FAILED, OK, OOM, SKIPPED, TIMEOUT, normalize_row
+
+__all__ = ["CRASHED", "FAILED", "OK", "OOM", "SKIPPED", "TIMEOUT", "ResultsFileError", "append_row", "append_rows",
+           "check_writable", "done_keys", "export", "export_kind", "read_rows", "rejected_path", "repair", "to_frame"]
+
+
+class ResultsFileError(ValueError):
+    """A results file that cannot be used as it is (not writable, not JSON lines)."""
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One line of a results file that is not a row."""
+
+    line: int
+    text: str
+    why: str
+
+
+def rejected_path(path: Path) -> Path:
+    """The side file of ``path`` that damaged lines are moved to (``x.jsonl`` → ``x.rejected.jsonl``)."""
+    return path.with_name(path.stem + ".rejected" + path.suffix)
+
+
+def _scan(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[Damage]]:
+    """Rows with their line numbers, and the lines that are not rows."""
+    rows: list[tuple[int, dict[str, Any]]] = []
+    damages: list[Damage] = []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn = bool(data) and not data.endswith(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        text = raw.decode("utf-8", errors="replace")
+        cut = torn and number == len(lines)
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as exc:
+            damages.append(Damage(number, text, "cut off (the writer was killed mid-line)" if cut else f"not JSON: {exc}"))
+            continue
+        if not isinstance(row, dict):
+            damages.append(Damage(number, text, f"a JSON {type(row).__name__}, not a row"))
+        else:  # (a whole row without its newline is kept: the next append adds the newline)
+            rows.append((number, row))
+    return rows, damages
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any measurement when ``path`` (or its folder) cannot be written."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        raise ResultsFileError(f"results file {path} is not writable ({exc.strerror}): choose another --out or fix its "
+                               "permissions") from None
+
+
+def repair(path: Path, say=None) -> list[Damage]:
+    """Move every line of ``path`` that is not a row to its side file, keep the rows.
+
+    The file is rewritten atomically (a temporary file, then ``os.replace``). Each moved
+    line is reported as ``file:line: why``. Returns the damages found (none: untouched).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows, damages = _scan(path)
+    if not damages:
+        return []
+    say = say or (lambda text: print(text, file=sys.stderr))
+    side = rejected_path(path)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with side.open("a") as fh:
+        for d in damages:
+            fh.write(json.dumps({"file": path.name, "line": d.line, "why": d.why, "text": d.text, "set_aside": stamp}) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row, sort_keys=True, default=str) + "\n" for _, row in rows))
+    os.replace(tmp, path)
+    for d in damages:
+        say(f"{path}:{d.line}: {d.why}; moved to {side}")
+    return damages
+
+
+def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append rows as whole lines in one write (one run's rows land together or not at all
+    as far as a kill between rows is concerned)."""
+    if not rows:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps(row, sort_keys=True, default=str) + "\n" for row in rows).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ResultsFileError(f"results file {path} is not writable ({exc.strerror}): choose another --out or fix its "
+                               "permissions") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with path.open("rb") as fh:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":
+                    data = b"\n" + data  # a torn last line stays a line of its own
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(json.dumps(row, sort_keys=True, default=str) + "\n")
-        fh.flush()
+    """Append one row as one line. Writers stamp ``schema_version`` on what they build
+    (``Measurement.to_row``, the loss rows, the history); a row without one reads as
+    schema 1."""
+    append_rows(path, [row])
+
+
+_REPORTED: set[tuple[str, int, int]] = set()
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """All rows of a JSONL file; a torn last line (a killed writer) is ignored."""
+    """All rows of a JSONL file in the current schema. Lines that are not rows are
+    skipped and reported once with their line numbers (a writer's :func:`repair` sets
+    them aside)."""
+    path = Path(path)
     if not path.exists():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    rows, damages = _scan(path)
+    for d in damages:
+        mark = (str(path.resolve()), d.line, hash(d.text))
+        if mark not in _REPORTED:
+            _REPORTED.add(mark)
+            print(f"warning: {path}:{d.line}: {d.why}; line skipped", file=sys.stderr)
+    return [normalize_row(r) for _, r in rows]
 
 
-def done_keys(rows: Iterable[dict[str, Any]]) -> set[str]:
-    """Task keys already measured or deliberately skipped (failures are retried)."""
-    return {r["task_key"] for r in rows if r.get("status") in (OK, SKIPPED) and "task_key" in r}
+def done_keys(rows: Iterable[dict[str, Any]], limit_s: float | None = None) -> set[str]:
+    """Cells that need no new measurement: measured, or skipped by a prediction under a
+    limit at least as large as ``limit_s`` (a larger limit retries them). Failures are
+    always retried."""
+    done = set()
+    for r in rows:
+        if "initializer" not in r:
+            continue
+        if r.get("status") == OK:
+            done.add(cell_key(r))
+        elif r.get("status") == SKIPPED and (limit_s is None or (r.get("limit_s") or 0.0) >= limit_s):
+            done.add(cell_key(r))
+    return done
 
 
 def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    # keep the latest row per task key: a rerun that succeeds replaces an old failure
+    # keep the latest row per cell: a rerun that succeeds replaces an old failure
     if "task_key" in frame.columns:
         frame = frame.drop_duplicates(subset=["task_key"], keep="last")
     return frame.reset_index(drop=True)

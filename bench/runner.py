@@ -1,25 +1,16 @@
-"""The manager: runs each task in a fresh worker process and appends its row at once.
+"""The manager: schedules tasks, runs each in fresh worker processes through a launcher
+(``bench.launchers``), merges their runs into one cell and appends its row at once.
 
 One worker per measurement (pyperf's manager/worker split): a crash, an OOM kill or a
-hang costs that one row, recorded with its reason, and the run goes on. On CPU the
-worker is forked from a fork server, a clean process that has imported torch and run no
-kernel (saves ~2 s of imports per measurement; the child's first call is still cold;
-forking this process instead could deadlock a child in an OpenMP pool the parent had
-started). CUDA cannot survive a fork, so CUDA tasks run in a spawned
-``python -m bench.worker``. Rows already in
+hang costs that one row, recorded with its reason, and the run goes on. Rows already in
 the results file are skipped, so an interrupted run resumes where it stopped. Before a
-task runs, the cost law fitted to the same initializer's largest finished shape
-predicts its time (``bench.costlaw``); a task predicted to exceed the time limit is recorded as skipped, with the
-prediction, for the report to extrapolate.
+task runs, the cost law fitted to the same family's largest finished shape predicts its
+time (``bench.costlaw``); a task predicted to exceed the time limit is recorded as
+skipped, with the prediction, for the report to extrapolate.
 """
 
 from __future__ import annotations
 
-import json
-import multiprocessing
-import os
-import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -31,14 +22,12 @@ from tqdm import tqdm
 
 from . import costlaw
 from .environment import environment
-from .results import CRASHED, FAILED, OK, SKIPPED, TIMEOUT, append_row, done_keys, read_rows
+from .identity import family
+from .launchers import WORKER_ENV, ForkServerLauncher, Launcher, SpawnLauncher, fork_available  # noqa: F401
+from .results import OK, SKIPPED, TIMEOUT, append_row, check_writable, done_keys, read_rows, repair
+from .schema import FAILED, Measurement, SchemaError, merge_runs
 from .tasks import Task
-from .worker import RESULT_PREFIX, run_task
-
-#: glibc raises its mmap threshold after freeing a large block, after which freed memory
-#: stays in RSS and a later region's peak hides inside it. A fixed threshold keeps every
-#: large tensor mmapped, so RSS (and VmHWM) follow what is live.
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_WAIT_POLICY": "PASSIVE"}
+from .worker import run_task
 
 
 @dataclass
@@ -46,13 +35,21 @@ class Runner:
     results_path: Path
     limit_s: float = 120.0
     worker_cmd: list[str] = field(default_factory=lambda: [sys.executable, "-m", "bench.worker"])
-    #: what a forked worker runs (a module-level function: it is pickled to the fork
-    #: server); tests substitute one that crashes or hangs
+    #: what a forked worker runs (a module-level function); tests substitute one that crashes or hangs
     worker_fn: Callable[[Task], dict[str, Any]] = run_task
-    #: "auto" forks on CPU (Linux) and spawns for CUDA; "spawn" always spawns
-    launcher: str = "auto"
+    #: "auto" forks on CPU (Linux) and spawns for CUDA; "spawn" always spawns; or a Launcher
+    launcher: str | Launcher = "auto"
+    #: cap on each worker's extra memory (``RLIMIT_AS`` above its size at start), or None
+    memory_limit_bytes: int | None = None
     progress: bool = True
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
+
+    def launcher_for(self, task: Task) -> Launcher:
+        if not isinstance(self.launcher, str):
+            return self.launcher
+        if self.launcher == "auto" and task.device == "cpu" and fork_available():
+            return ForkServerLauncher(self.worker_fn)
+        return SpawnLauncher(self.worker_cmd)
 
     def run(self, tasks: list[Task]) -> list[dict[str, Any]]:
         """Run what is not yet done; return every row of the results file."""
@@ -65,9 +62,11 @@ class Runner:
 
     def pending(self, tasks: list[Task]) -> tuple[list[dict[str, Any]], list[Task]]:
         """The rows already in the results file, and the tasks not yet done, smallest first
-        (so each initializer's cost law exists before its large shapes come up)."""
+        (so each family's cost law exists before its large shapes come up)."""
+        check_writable(self.results_path)
+        repair(self.results_path)
         rows = read_rows(self.results_path)
-        done = done_keys(rows)
+        done = done_keys(rows, self.limit_s)
         pending = sorted((t for t in tasks if t.key not in done), key=lambda t: (t.d_out * t.d_in, t.d_out))
         if len(pending) < len(tasks):
             print(f"resuming: {len(tasks) - len(pending)} of {len(tasks)} measurements already in {self.results_path}", file=sys.stderr)
@@ -79,9 +78,11 @@ class Runner:
         if predicted is not None and predicted > self.limit_s:
             reason = (f"predicted {predicted:.0f} s > limit {self.limit_s:.0f} s" if predicted != float("inf")
                       else "a smaller shape of this initializer already exceeded the limit")
-            row = self._row(task, SKIPPED, predicted_s=None if predicted == float("inf") else predicted, reason=reason)
+            cell = Measurement(task, SKIPPED, reason=reason, predicted_s=None if predicted == float("inf") else predicted)
         else:
-            row = self.execute(task, predicted)
+            cell = self.execute(task, predicted)
+        cell.run_id, cell.environment, cell.limit_s = self.run_id, environment(), self.limit_s
+        row = cell.to_row()
         append_row(self.results_path, row)
         rows.append(row)
         if row["status"] != OK:
@@ -89,12 +90,8 @@ class Runner:
         return row
 
     def predict(self, task: Task, rows: list[dict[str, Any]]) -> float | None:
-        """Predicted wall time of the whole worker from finished rows of the same kind."""
-        kin = [
-            r for r in rows
-            if r.get("initializer") == task.initializer and r.get("device") == task.device
-            and r.get("dtype") == task.dtype and r.get("rank") == task.rank and r.get("threads") == task.threads
-        ]
+        """Predicted wall time of the whole worker from finished rows of the same family."""
+        kin = [r for r in rows if "initializer" in r and family(r) == family(task)]
         size = costlaw.size_variable(task.initializer, task.d_out, task.d_in)
         if any(r.get("status") == TIMEOUT and costlaw.size_variable(task.initializer, r["d_out"], r["d_in"]) <= size
                and r.get("run_id") == self.run_id for r in kin):
@@ -106,104 +103,30 @@ class Runner:
         per_call = law.predict(size)
         calls = 1 + task.warmups + task.min_values + 1  # cold, warm-ups, values, memory pass
         largest = max(same, key=lambda r: costlaw.size_variable(task.initializer, r["d_out"], r["d_in"]))
-        cold_extra = max(0.0, largest["first_s"] - largest["median_s"])  # one-time library set-up
+        cold_extra = max(0.0, (largest.get("first_s") or 0.0) - largest["median_s"])  # one-time library set-up
         return per_call * calls + cold_extra
 
-    def execute(self, task: Task, predicted: float | None = None) -> dict[str, Any]:
-        """Run the task's worker process(es); one row with every value, or the failure."""
-        fork = self.launcher == "auto" and task.device == "cpu" and "forkserver" in multiprocessing.get_all_start_methods()
+    def execute(self, task: Task, predicted: float | None = None) -> Measurement:
+        """Run the task's worker process(es) and merge them into one cell, or the failure.
+
+        Up to ``task.processes`` processes, while their total wall time stays under
+        ``2 · value_budget_s``: the spread between processes belongs in the sample.
+        """
+        launcher = self.launcher_for(task)
         started = time.perf_counter()
-        results: list[dict[str, Any]] = []
-        while len(results) < max(1, task.processes):
-            status, result, reason = (self._forked if fork else self._spawned)(task)
-            if status != OK:
-                return self._row(task, status, predicted_s=predicted, worker_wall_s=time.perf_counter() - started,
-                                 reason=reason[:1000])
-            results.append(result)
+        runs = []
+        while len(runs) < max(1, task.processes):
+            outcome = launcher.launch(task, self.limit_s, self.memory_limit_bytes)
+            if outcome.status != OK:
+                return Measurement(task, outcome.status, reason=outcome.reason[:1000], predicted_s=predicted,
+                                   phase=outcome.phase)
+            runs.append(outcome.run)
             if time.perf_counter() - started > 2 * task.value_budget_s:
                 break
-        merged = _merge(results)
-        merged.pop("status", None)
-        return self._row(task, OK, predicted_s=predicted, **merged)
-
-    def _forked(self, task: Task) -> tuple[str, dict | None, str]:
-        ctx = _fork_server()
-        receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_fork_entry, args=(self.worker_fn, task, send), daemon=True)
-        proc.start()
-        send.close()
-        message = None
-        if receive.poll(self.limit_s):
-            try:
-                message = receive.recv()
-            except EOFError:  # the child died without sending
-                message = None
-        proc.join(timeout=5 if message is not None else 0.5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-            if message is None:
-                return TIMEOUT, None, f"worker exceeded the {self.limit_s:.0f} s limit and was killed"
-        receive.close()
-        if message is None:
-            return CRASHED, None, _exit_cause(proc.exitcode)
-        if message.get("status") == FAILED:
-            return FAILED, None, message["reason"]
-        return OK, message, ""
-
-    def _spawned(self, task: Task) -> tuple[str, dict | None, str]:
         try:
-            proc = subprocess.run(
-                self.worker_cmd, input=json.dumps(task.to_dict()), capture_output=True, text=True,
-                timeout=self.limit_s, env={**os.environ, **WORKER_ENV},
-            )
-        except subprocess.TimeoutExpired:
-            return TIMEOUT, None, f"worker exceeded the {self.limit_s:.0f} s limit and was killed"
-        result = next(
-            (json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)),
-            None,
-        )
-        if proc.returncode != 0 or result is None:
-            tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
-            status = CRASHED if proc.returncode != 0 else FAILED
-            return status, None, f"{_exit_cause(proc.returncode)}: {tail}"
-        return OK, result, ""
-
-    def _row(self, task: Task, status: str, **fields: Any) -> dict[str, Any]:
-        base = task.to_dict()
-        base["options"] = json.dumps(base["options"], sort_keys=True)
-        return {
-            "kind": "init",
-            "run_id": self.run_id,
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "task_key": task.key,
-            **base,
-            "status": status,
-            "reason": "",
-            **fields,
-            **environment(),
-        }
-
-
-def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from the results of several worker processes of the same task."""
-    if len(results) == 1:
-        return {**results[0], "processes": 1}
-    values = [v for r in results for v in r["values_s"]]
-    merged = dict(results[0])
-    merged.update(
-        processes=len(results),
-        values_s=values,
-        event_values_s=[v for r in results for v in r.get("event_values_s", [])],
-        first_values_s=[r["first_s"] for r in results],  # one cold call per process
-        median_s=statistics.median(values),
-        mean_s=statistics.fmean(values),
-        stdev_s=statistics.stdev(values) if len(values) > 1 else 0.0,
-        worker_wall_s=sum(r.get("worker_wall_s", 0.0) for r in results),
-    )
-    for key in ("peak_cpu_extra_bytes", "peak_rss_bytes", "peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes"):
-        merged[key] = max(r.get(key) or 0 for r in results)
-    return merged
+            return merge_runs(task, runs, predicted_s=predicted)
+        except SchemaError as exc:
+            return Measurement(task, FAILED, reason=f"runs could not be merged: {exc}", predicted_s=predicted)
 
 
 def run_interleaved(first: Runner, second: Runner, tasks: list[Task]) -> tuple[list[dict], list[dict]]:
@@ -211,8 +134,8 @@ def run_interleaved(first: Runner, second: Runner, tasks: list[Task]) -> tuple[l
     (A B, B A, A B, ...), so that slow drift of the machine (frequency, neighbours,
     thermal state) lands on both sides alike: asv's interleaved rounds, per task.
 
-    Two runners of the same code give an A/A comparison; runners whose ``worker_cmd``
-    runs two checkouts (``launcher="spawn"``) give an A/B one.
+    Returns ``(rows of first, rows of second)``. Two runners of the same code give an
+    A/A comparison; runners whose launchers run two checkouts give an A/B one.
     """
     rows_a, pending_a = first.pending(tasks)
     rows_b, pending_b = second.pending(tasks)
@@ -225,64 +148,3 @@ def run_interleaved(first: Runner, second: Runner, tasks: list[Task]) -> tuple[l
         for runner, rows in pair:
             runner.run_one(task, rows, bar.write)
     return rows_a, rows_b
-
-
-_FORK_SERVER = None
-
-
-def _fork_server():
-    """The forkserver context, its server preloading torch and the worker module.
-
-    The server is started here, with :data:`WORKER_ENV` in its environment: the OpenMP
-    runtime reads its settings when torch is loaded, in the server, before any fork.
-    """
-    global _FORK_SERVER
-    if _FORK_SERVER is None:
-        from multiprocessing import forkserver
-
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "loram_ref", "bench.worker"])
-        saved = {k: os.environ.get(k) for k in WORKER_ENV}
-        os.environ.update(WORKER_ENV)
-        try:
-            forkserver.ensure_running()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        _FORK_SERVER = ctx
-    return _FORK_SERVER
-
-
-def _fixed_mmap_threshold() -> None:
-    """``mallopt(M_MMAP_THRESHOLD, 64 KiB)`` in the forked worker, as ``MALLOC_MMAP_THRESHOLD_``
-    does at start-up (a no-op where the server already had it, kept for other launchers)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD = -3 (glibc)
-    except (OSError, AttributeError):
-        pass
-
-
-def _exit_cause(code: int | None) -> str:
-    if code is not None and code < 0:
-        return f"killed by signal {-code}" + (" (out of memory?)" if code == -9 else "")
-    return f"exit code {code}"
-
-
-def _fork_entry(fn: Callable[[Task], dict[str, Any]], task: Task, send) -> None:
-    """Child side of a forked worker: run, send one message, exit without cleanup."""
-    import traceback
-
-    _fixed_mmap_threshold()
-    try:
-        message = fn(task)
-    except BaseException as exc:  # noqa: BLE001 - every failure becomes a recorded row
-        tail = traceback.format_exc().strip().splitlines()[-3:]
-        message = {"status": FAILED, "reason": f"{type(exc).__name__}: {exc} | " + " | ".join(tail)}
-    send.send(message)
-    send.close()
-    os._exit(0)

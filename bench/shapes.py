@@ -66,30 +66,54 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def load_config(source: str | Path | dict[str, Any]):
     """A transformers ``PretrainedConfig`` from a preset name, a config dict, a
-    ``config.json`` path or a model folder. Never touches the network."""
-    from transformers import AutoConfig, CONFIG_MAPPING
+    ``config.json`` path or a model folder. Never touches the network.
+
+    Raises ``ValueError`` naming the source for anything that is not a usable config: a
+    missing file, a file that is not JSON, a ``model_type`` transformers does not know.
+    """
+    from transformers import AutoConfig
 
     if isinstance(source, dict):
-        fields = dict(source)
-    elif str(source) in PRESETS:
-        fields = dict(PRESETS[str(source)])
-    else:
-        path = Path(source)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            known = ", ".join(sorted(PRESETS))
-            raise ValueError(f"unknown shape preset or config path {str(source)!r}; presets: {known}")
-        return AutoConfig.from_pretrained(path.parent, local_files_only=True) if path.name == "config.json" else _from_json(path)
-    model_type = fields.pop("model_type")
-    return CONFIG_MAPPING[model_type](**fields)
+        return _config_from_fields(source, "config")
+    if str(source) in PRESETS:
+        return _config_from_fields(PRESETS[str(source)], str(source))
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        known = ", ".join(sorted(PRESETS))
+        raise ValueError(f"unknown shape preset or config path {str(source)!r}; presets: {known}")
+    try:
+        fields = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a JSON config ({exc}); pass a transformers config.json or a preset") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path} holds a JSON {type(fields).__name__}, not a config object")
+    _check_model_type(fields, str(path))
+    if path.name == "config.json":
+        return AutoConfig.from_pretrained(path.parent, local_files_only=True)
+    return _config_from_fields(fields, str(path))
 
 
-def _from_json(path: Path):
+def _check_model_type(fields: dict[str, Any], source: str) -> str:
     from transformers import CONFIG_MAPPING
 
-    fields = json.loads(path.read_text())
-    return CONFIG_MAPPING[fields.pop("model_type")](**fields)
+    model_type = fields.get("model_type")
+    if not model_type:
+        raise ValueError(f"{source}: the config has no model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{source}: model_type {model_type!r} is not known to this transformers; "
+                         "use a causal-LM config (llama, mistral, qwen2, ...) or upgrade transformers")
+    return model_type
+
+
+def _config_from_fields(fields: dict[str, Any], source: str):
+    from transformers import CONFIG_MAPPING
+
+    fields = dict(fields)
+    model_type = _check_model_type(fields, source)
+    fields.pop("model_type")
+    return CONFIG_MAPPING[model_type](**fields)
 
 
 def shapes_from_config(config, exclude: tuple[str, ...] = EXCLUDED) -> list[LayerShape]:
@@ -97,8 +121,14 @@ def shapes_from_config(config, exclude: tuple[str, ...] = EXCLUDED) -> list[Laye
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        raise ValueError(f"model_type {config.model_type!r} has no causal-LM class in transformers (an encoder-decoder "
+                         "or encoder model?); loram-bench measures causal LMs") from None
     counts: Counter[tuple[str, int, int]] = Counter()
     for name, module in model.named_modules():
         role = name.rsplit(".", 1)[-1]

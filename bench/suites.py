@@ -1,7 +1,10 @@
-"""Task lists: which initializer runs on which shapes, and the quick suite of ``tox -e bench``."""
+"""Suites as data: which initializer runs on which shapes, the defaults every command
+shares (the loss benchmark's initializers, the reference initializers of comparisons),
+and the quick suite of ``tox -e bench``. Initializer names are chosen here, once."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 
 import loram_ref
@@ -10,6 +13,13 @@ from .shapes import LayerShape, model_shapes, unique_shapes
 from .tasks import Task
 
 DEFAULT_RANK = 16
+
+#: Initializers of the loss benchmark when none are named (``loss``, ``quick``).
+DEFAULT_LOSS_INITIALIZERS = ["noise_zeros", "pissa_rsvd", "loram_dst", "lora_sb"]
+#: The report's reference for init-time speedups: the cost users pay today (full-SVD PiSSA).
+SPEEDUP_REFERENCE = "pissa"
+#: The reference of loss comparisons: PEFT's default initializer.
+LOSS_REFERENCE = "noise_zeros"
 
 
 def init_tasks(
@@ -36,6 +46,14 @@ def init_tasks(
         for s in unique_shapes(model_shapes(source)):
             shapes.setdefault((s.d_out, s.d_in), (s, source))
     base = template or Task(initializer="", d_out=1, d_in=1, rank=rank)
+    too_small = [s for s, _ in shapes.values() if rank > min(s.d_out, s.d_in)]
+    if too_small and len(too_small) == len(shapes):
+        smallest = max(min(s.d_out, s.d_in) for s in too_small)
+        raise ValueError(f"no task: every layer shape of {', '.join(map(str, sources))} has a side smaller than --rank "
+                         f"{rank} (the largest min(d_out, d_in) is {smallest}); use a smaller --rank")
+    if too_small:
+        print(f"note: --rank {rank} exceeds min(d_out, d_in) of {len(too_small)} layer shape(s), not measured: "
+              + ", ".join(f"{s.d_out}x{s.d_in} ({s.role})" for s in too_small), file=sys.stderr)
     tasks = []
     for shape, source in shapes.values():
         if rank > min(shape.d_out, shape.d_in):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .identity import cell_key
 
 
 @dataclass(frozen=True)
@@ -41,19 +41,9 @@ class Task:
 
     @property
     def key(self) -> str:
-        """Identity for resuming: what is measured, not how many times."""
-        ident = {
-            "initializer": self.initializer,
-            "d_out": self.d_out,
-            "d_in": self.d_in,
-            "rank": self.rank,
-            "scaling": self.scaling,
-            "dtype": self.dtype,
-            "device": self.device,
-            "threads": self.threads,
-            "options": self.options,
-        }
-        return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        """Identity for resuming and matching: what is measured, not how many times
+        (``bench.identity.cell_key``)."""
+        return cell_key(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

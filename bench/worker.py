@@ -1,16 +1,19 @@
-"""The worker: runs one :class:`bench.tasks.Task` in a fresh process and prints its result.
+"""The worker: runs one :class:`bench.tasks.Task` in a fresh process and reports one
+:class:`bench.schema.ProcessRun` (raw values and peaks; statistics are derived by the
+manager, ``bench.metrics.derive``).
 
-Invoked by the runner as ``python -m bench.worker`` with the task as JSON on stdin; the
-result is one line on stdout prefixed with :data:`RESULT_PREFIX`. Everything the
-measurement does not need (the weight, the synthetic statistics, the pristine copy that
-restores the weight before each in-place call) is set up before any region is entered.
+Invoked by a launcher (``bench.launchers``): forked from the fork server with
+:func:`run_task` as the target, or spawned as ``python -m bench.worker`` with the task as
+JSON on stdin and the result as one line on stdout prefixed with :data:`RESULT_PREFIX`.
+Everything the measurement does not need (the weight, the synthetic statistics, the
+pristine copy that restores the weight before each in-place call) is set up before any
+region is entered.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-import statistics
 import sys
 import time
 from typing import Any
@@ -18,13 +21,13 @@ from typing import Any
 import torch
 
 import loram_ref
-from loram_ref import LoraDAStats, LoraSBStats, Statistics
 
+from .environment import worker_environment
 from .measure import cpu_peak, gpu_peak, timed
+from .schema import FAILED, OOM, ProcessRun
 from .tasks import Task
 
 RESULT_PREFIX = "LORAM_BENCH_RESULT "
-
 
 
 def _measurement_kwargs(fn) -> dict[str, Any]:
@@ -46,30 +49,99 @@ def _make_weight(task: Task, device: torch.device) -> torch.Tensor:
     return weight.normal_(0.0, task.d_in**-0.5, generator=gen)  # nn.Linear-like scale
 
 
-def _make_stats(task: Task, device: torch.device) -> dict[str, Any]:
-    kind = loram_ref.get_initializer(task.initializer).statistics
+def _make_stats(spec: loram_ref.InitializerSpec, task: Task, device: torch.device) -> dict[str, Any]:
+    """Synthetic statistics of the right shapes, by the initializer's statistics kind."""
+    if not spec.needs_statistics:
+        return {}
     gen = torch.Generator(device=device).manual_seed(task.seed + 1)
-    if kind is Statistics.LORA_SB:
-        return {"stats": LoraSBStats.synthetic(task.d_out, task.d_in, gen, device=device)}
-    if kind is Statistics.LORA_DA:
-        tokens = min(2 * task.d_in, 512)  # a PSD factor of the right shape; the solve cost does not depend on it
-        stats = LoraDAStats.synthetic(task.d_out, task.d_in, gen, tokens=tokens, device=device)
-        stats.input_factor.diagonal().add_(1e-2)
-        return {"stats": stats}
-    return {}
+    return {"stats": spec.statistics.synthetic(task.d_out, task.d_in, gen, device)}
+
+
+#: Elements per block of the diagnostics: 4 MiB of fp32.
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _row_blocks(m: int, n: int):
+    step = max(1, _BLOCK_ELEMENTS // max(1, n))
+    return ((i, min(m, i + step)) for i in range(0, m, step))
 
 
 def _invariant_error(init: loram_ref.LoraInit, pristine: torch.Tensor) -> dict[str, float]:
-    """Step-0 diagnostics (spec §9): reconstruction error and ‖s·B·A‖_F/‖W‖_F."""
-    w = pristine.float()
-    delta = init.delta()
-    out = {"delta_rel_norm": float(delta.norm() / w.norm())}
+    """Step-0 diagnostics (spec §9): ``‖W_res + s·B·A − W‖_F / ‖W‖_F`` and ``‖s·B·A‖_F / ‖W‖_F``.
+
+    Never an m x n product: ``‖s·B·A‖_F² = s²·Σ (BᵀB) ∘ (AAᵀ)`` costs O((m+n)·r²), and the
+    reconstruction error and ``‖W‖_F`` are summed over row blocks of at most
+    :data:`_BLOCK_ELEMENTS` fp32 elements.
+    """
+    b = init.B.double()
+    if init.R is not None:
+        b = b @ init.R.double()
+    a = init.A.double()
+    s = float(init.scaling)
+    delta_sq = s * s * float(((b.mT @ b) * (a @ a.mT)).sum().clamp(min=0.0))
+    m, n = pristine.shape
+    w_sq = err_sq = 0.0
+    b32, a32 = b.float(), a.float()
+    for i, j in _row_blocks(m, n):
+        w = pristine[i:j].float()
+        w_sq += float(torch.linalg.vector_norm(w)) ** 2
+        if init.residual is not None:
+            block = torch.addmm(init.residual[i:j].float(), b32[i:j], a32, alpha=s).sub_(w)
+            err_sq += float(torch.linalg.vector_norm(block)) ** 2
+            del block
+    w_norm = w_sq ** 0.5
+    out = {"delta_rel_norm": (delta_sq ** 0.5) / w_norm if w_norm else float("nan")}
     if init.residual is not None:
-        out["reconstruction_rel_err"] = float((init.residual.float() + delta - w).norm() / w.norm())
+        out["reconstruction_rel_err"] = (err_sq ** 0.5) / w_norm if w_norm else float("nan")
     return out
 
 
+#: The phase a worker is in, read by the launcher's failure handler: "setup" (weight,
+#: statistics), "initializer" (every call of the initializer, timed or in the memory
+#: pass) or "diagnostics" (the harness's own checks after the measurements).
+PHASE = {"now": "setup"}
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation, as the allocators report it: ``torch.OutOfMemoryError``
+    (CUDA), ``MemoryError``, or the CPU allocator's "can't allocate memory"."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def failure_message(exc: BaseException, tail: list[str]) -> dict[str, Any]:
+    """The message a worker sends for an exception: ``oom`` or ``failed``, with its phase."""
+    phase = PHASE["now"]
+    what = "the harness's own diagnostics" if phase == "diagnostics" else f"the {phase} phase"
+    if is_out_of_memory(exc):
+        return {"status": OOM, "phase": phase, "reason": f"out of memory in {what}: {type(exc).__name__}: {str(exc)[:300]}"}
+    return {"status": FAILED, "phase": phase, "reason": f"{type(exc).__name__}: {exc} | " + " | ".join(tail)}
+
+
+def apply_memory_limit(limit_bytes: int | None) -> None:
+    """Cap this process's address space at its current size plus ``limit_bytes``
+    (``RLIMIT_AS``): an allocation beyond it fails as out of memory instead of the
+    machine's OOM killer ending the run. The cap counts virtual memory, so it is a
+    bound on extra memory, not an exact RSS limit."""
+    if not limit_bytes:
+        return
+    import resource
+
+    from .measure import _status_kib
+
+    size = (_status_kib("VmSize") or 0) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (size + int(limit_bytes), resource.RLIM_INFINITY))
+
+
 def run_task(task: Task) -> dict[str, Any]:
+    """Measure ``task`` in this process; the :class:`ProcessRun` as a dict.
+
+    The phase is kept in :data:`PHASE` so that a failure names where it happened. A
+    failure of the diagnostics does not cost the timings: the run is returned with
+    ``diagnostics_error`` set.
+    """
+    PHASE["now"] = "setup"
     started = time.perf_counter()
     torch.set_num_threads(task.threads)
     device = torch.device(task.device)
@@ -77,7 +149,7 @@ def run_task(task: Task) -> dict[str, Any]:
         torch.cuda.init()
     spec = loram_ref.get_initializer(task.initializer)
     weight = _make_weight(task, device)
-    kwargs: dict[str, Any] = {**_make_stats(task, device), **_measurement_kwargs(spec.fn), **task.options}
+    kwargs: dict[str, Any] = {**_make_stats(spec, task, device), **_measurement_kwargs(spec.fn), **task.options}
     pristine = weight.clone() if kwargs.get("inplace") else weight
 
     def call() -> loram_ref.LoraInit:
@@ -87,6 +159,7 @@ def run_task(task: Task) -> dict[str, Any]:
         if pristine is not weight:
             weight.copy_(pristine)
 
+    PHASE["now"] = "initializer"
     first = timed(call, device)
     restore()
     for _ in range(task.warmups):
@@ -107,34 +180,47 @@ def run_task(task: Task) -> dict[str, Any]:
         torch.cuda.synchronize(device)
     with cpu_peak() as cpu, gpu_peak(device) as gpu:
         init = call()
-    diagnostics = _invariant_error(init, pristine)
+    PHASE["now"] = "diagnostics"
+    diagnostics: dict[str, Any] = {}
+    try:
+        diagnostics = _invariant_error(init, pristine)
+    except Exception as exc:  # noqa: BLE001 - the harness's check must not cost the measurement
+        diagnostics = {"diagnostics_error": ("out of memory: " if is_out_of_memory(exc) else "")
+                       + f"{type(exc).__name__}: {str(exc)[:300]}"}
     info = {k: v for k, v in init.info.items() if isinstance(v, (int, float, str, bool))}
-    return {
-        "status": "ok",
-        "first_s": first.wall_s,
-        "first_event_s": first.event_s,
-        "values_s": values,
-        "event_values_s": events,
-        "warmups": task.warmups,
-        "median_s": statistics.median(values),
-        "mean_s": statistics.fmean(values),
-        "stdev_s": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "peak_cpu_extra_bytes": cpu.extra_bytes,
-        "peak_rss_bytes": cpu.peak_bytes,
-        "cpu_peak_method": cpu.method,
-        "peak_gpu_allocated_bytes": gpu.allocated_bytes,
-        "peak_gpu_reserved_bytes": gpu.reserved_bytes,
-        "weight_bytes": weight.numel() * weight.element_size(),
-        "torch_threads": torch.get_num_threads(),
-        "init_info": json.dumps(info, sort_keys=True),
+    run = ProcessRun(
+        task_key=task.key,
+        first_s=first.wall_s,
+        first_event_s=first.event_s,
+        values_s=values,
+        event_values_s=events,
+        warmups=task.warmups,
+        peak_cpu_extra_bytes=cpu.extra_bytes,
+        peak_rss_bytes=cpu.peak_bytes,
+        peak_gpu_allocated_bytes=gpu.allocated_bytes,
+        peak_gpu_reserved_bytes=gpu.reserved_bytes,
+        init_info=json.dumps(info, sort_keys=True),
+        environment=worker_environment(cpu.method),
         **diagnostics,
-        "worker_wall_s": time.perf_counter() - started,
-    }
+    )
+    run.worker_wall_s = time.perf_counter() - started
+    return run.as_dict()
+
+
+#: The spawned worker's memory cap in bytes (set by the spawn launcher).
+MEMORY_LIMIT_ENV = "LORAM_BENCH_MEMORY_LIMIT"
 
 
 def main() -> int:
+    import os
+    import traceback
+
     task = Task.from_dict(json.loads(sys.stdin.read()))
-    result = run_task(task)
+    apply_memory_limit(int(os.environ.get(MEMORY_LIMIT_ENV) or 0))
+    try:
+        result = run_task(task)
+    except Exception as exc:  # noqa: BLE001 - reported to the manager as this cell's failure
+        result = failure_message(exc, traceback.format_exc().strip().splitlines()[-3:])
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0
 

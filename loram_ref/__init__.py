@@ -18,18 +18,36 @@ import torch
 from . import lora_da, lora_sb, loram, noise, pissa  # noqa: F401  (registration side effect)
 from .bases import dst_basis, random_orthogonal_basis
 from .linalg import principal_angles, randomized_svd
-from .registry import INITIALIZERS, InitializerSpec, Invariant, Statistics, get_initializer
+from .collect import CollectContext
+from .registry import (
+    FULL_SVD,
+    INITIALIZERS,
+    INPUT_SPACE,
+    PASSES,
+    CostClass,
+    InitializerSpec,
+    Invariant,
+    Statistics,
+    StatisticsKind,
+    get_initializer,
+)
 from .result import LoraInit
 from .stats import LoraDAStats, LoraSBStats
 
 __all__ = [
+    "FULL_SVD",
     "INITIALIZERS",
+    "INPUT_SPACE",
+    "PASSES",
+    "CollectContext",
+    "CostClass",
     "InitializerSpec",
     "Invariant",
     "LoraDAStats",
     "LoraInit",
     "LoraSBStats",
     "Statistics",
+    "StatisticsKind",
     "dst_basis",
     "get_initializer",
     "initialize",

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .linalg import randomized_svd
-from .registry import Invariant, Statistics, register
+from .registry import INPUT_SPACE, Invariant, Statistics, register
 from .result import LoraInit
 from .stats import LoraDAStats
 from .validation import check_inputs, check_positive_int, resolve_generator
@@ -77,6 +77,7 @@ def _damped_cholesky(z: torch.Tensor, damping: float) -> tuple[torch.Tensor, flo
     "lora_da",
     invariant=Invariant.SHIFTED,
     statistics=Statistics.LORA_DA,
+    cost=INPUT_SPACE,
     paper="Zhang et al. 2025, LoRA-DA (arXiv 2510.24561, ICML 2026); zqy0126/LoRA-DA",
     summary="A = Qᵀ/√γ, B = Δ̂·Q/√γ with Q the smallest-r eigvecs of Ω = -Δ̂ᵀΔ̂ + β·Σd/(Nσ₁²)·Z⁻¹; W unchanged",
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .linalg import randomized_svd
-from .registry import Invariant, register
+from .registry import FULL_SVD, Invariant, register
 from .result import LoraInit
 from .validation import check_inputs, check_positive_int, resolve_generator
 
@@ -58,6 +58,8 @@ def _pissa_factors(
 @register(
     "pissa",
     invariant=Invariant.FUNCTION_PRESERVING,
+    cost=FULL_SVD,
+    label="full-SVD PiSSA",
     paper=_PAPER,
     summary="top-r SVD triplets of W (full SVD) in A, B; W_res = W - U_r Σ_r V_rᵀ",
 )

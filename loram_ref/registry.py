@@ -1,4 +1,10 @@
-"""Name → initializer registry. Modules register their functions with ``@register``."""
+"""Name → initializer registry. Modules register their functions with ``@register``.
+
+Every per-initializer fact the benchmark needs lives on its :class:`InitializerSpec`: the
+step-0 invariant class, the statistics it consumes (with their synthetic maker and their
+collector), how its cost grows with the layer shape, the paper, and a display label.
+Nothing outside the registry keeps lists of initializer names.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,21 @@ from enum import Enum
 from typing import Callable
 
 from .result import LoraInit
+from .statistics import NO_STATISTICS, Statistics, StatisticsKind
+
+__all__ = [
+    "FULL_SVD",
+    "INPUT_SPACE",
+    "INITIALIZERS",
+    "PASSES",
+    "CostClass",
+    "InitializerSpec",
+    "Invariant",
+    "Statistics",
+    "StatisticsKind",
+    "get_initializer",
+    "register",
+]
 
 
 class Invariant(str, Enum):
@@ -17,22 +38,55 @@ class Invariant(str, Enum):
     SHIFTED = "S"  # W unchanged, s·B·A != 0 on purpose
 
 
-class Statistics(str, Enum):
-    """What data-derived layer statistics an initializer needs, if any."""
+def _mn(m: int, n: int) -> float:
+    return float(m) * n
 
-    NONE = "none"
-    LORA_SB = "lora_sb"  # loram_ref.stats.LoraSBStats
-    LORA_DA = "lora_da"  # loram_ref.stats.LoraDAStats
+
+def _mn_min(m: int, n: int) -> float:
+    return float(m) * n * min(m, n)
+
+
+def _n2_m_plus_n(m: int, n: int) -> float:
+    return float(n) * n * (m + n)
+
+
+@dataclass(frozen=True)
+class CostClass:
+    """How an initializer's work grows with the layer shape ``m x n`` (spec §8).
+
+    ``size(m, n)`` is the natural size variable ``x`` of the algorithm: its cost is
+    asymptotically linear in ``x``, so a cost law ``t = c·x`` fitted at one shape
+    extrapolates to the others (``bench.costlaw``).
+    """
+
+    name: str
+    size: Callable[[int, int], float]
+
+
+#: A fixed number of passes over W, or a GEMM with a fixed rank: O(m·n).
+PASSES = CostClass("m·n", _mn)
+#: A full decomposition of W: O(m·n·min(m, n)).
+FULL_SVD = CostClass("m·n·min(m,n)", _mn_min)
+#: n x n input-space work (Cholesky, Z⁻¹, Δ̂ᵀΔ̂, an eigensolver on Ω): O(n³ + m·n²), spec §4 "Cost".
+INPUT_SPACE = CostClass("n²·(m+n)", _n2_m_plus_n)
 
 
 @dataclass(frozen=True)
 class InitializerSpec:
+    """One registered initializer and every fact about it the harness and report use."""
+
     name: str
     fn: Callable[..., LoraInit]
     invariant: Invariant
-    statistics: Statistics
+    statistics: StatisticsKind
+    cost: CostClass
     paper: str
     summary: str
+    label: str
+
+    @property
+    def needs_statistics(self) -> bool:
+        return self.statistics.needed
 
 
 INITIALIZERS: dict[str, InitializerSpec] = {}
@@ -44,7 +98,9 @@ def register(
     invariant: Invariant,
     paper: str,
     summary: str,
-    statistics: Statistics = Statistics.NONE,
+    statistics: StatisticsKind = NO_STATISTICS,
+    cost: CostClass = PASSES,
+    label: str | None = None,
 ) -> Callable[[Callable[..., LoraInit]], Callable[..., LoraInit]]:
     """Add the decorated function to ``INITIALIZERS`` under ``name``."""
 
@@ -56,8 +112,10 @@ def register(
             fn=fn,
             invariant=invariant,
             statistics=statistics,
+            cost=cost,
             paper=paper,
             summary=summary,
+            label=label or name,
         )
         return fn
 

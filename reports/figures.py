@@ -1,31 +1,58 @@
 """Plotly figures of the report. Each takes tidy tables (``reports.tables``) and returns a
 ``go.Figure``; views that a reader picks (device · dtype, preset) are a dropdown that
-toggles trace visibility, so the page needs no server."""
+toggles trace visibility, so the page needs no server.
+
+Conventions shared by every chart: one colour per initializer (:func:`color`, from the
+registry's order, the same in every chart); layer shapes on a category axis ordered by
+m·n, so 4096x11008 and 11008x4096 are two positions; measured points filled, points
+predicted by a cost law hollow, failed cells a cross at their predicted time; a grey
+key in the legend says so.
+"""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from bench import costlaw
+from loram_ref import INITIALIZERS
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
 BYTES_MIB = 1 << 20
+KEY = "#888888"
+
+
+def color(name: str) -> str:
+    """The one colour of an initializer in every chart (registry order; others after it)."""
+    order = sorted(INITIALIZERS)
+    index = order.index(name) if name in order else len(order) + sum(map(ord, name))
+    return PALETTE[index % len(PALETTE)]
 
 
 def colors(names) -> dict[str, str]:
-    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(sorted(names))}
+    return {name: color(name) for name in names}
 
 
-def _view(row) -> str:
-    return f"{row['device']} · {row['dtype']} · r={row['rank']}"
+def human_bytes(value: float | None) -> str:
+    """``1.3 MiB``, ``2.10 GiB``: memory as people read it."""
+    if value is None or pd.isna(value):
+        return ""
+    value = float(value)
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(value) >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:.0f} B"
+
+
+def shape_order(table: pd.DataFrame) -> list[str]:
+    """Shapes ordered by m·n, then d_out: the category axis of the shape charts."""
+    ordered = table.drop_duplicates("shape").sort_values(["numel", "d_out"])
+    return list(ordered["shape"])
 
 
 def with_views(traces: dict[str, list[go.Scatter | go.Bar]], layout: dict, label: str) -> go.Figure:
-    """All traces in one figure; a dropdown shows one view's traces at a time."""
+    """All traces in one figure; a dropdown shows one view's traces at a time (the first
+    view opens)."""
     fig = go.Figure()
     views = list(traces)
     spans = []
@@ -54,112 +81,136 @@ def _hover(metric: str, unit: str) -> str:
             f"{metric}: %{{y:.6g}} {unit}<br>%{{customdata[3]}}<extra></extra>")
 
 
+def _key(items: list, entries: list[tuple[str, dict]]) -> None:
+    """Grey legend entries that explain the marks (no data)."""
+    for label, style in entries:
+        items.append(go.Scatter(x=[None], y=[None], name=label, legendgroup="key", legendgrouptitle_text="key",
+                                showlegend=True, hoverinfo="skip", **style))
+
+
+def _shape_axis(table: pd.DataFrame) -> dict:
+    return {"type": "category", "categoryorder": "array", "categoryarray": shape_order(table),
+            "title": "layer shape d_out x d_in (ordered by m·n)"}
+
+
 def init_time(table: pd.DataFrame, laws: pd.DataFrame) -> go.Figure:
-    """Init time against layer size m·n, log-log, per initializer; hollow markers are
-    cells predicted by the cost law (skipped or failed); dashed lines are the fits."""
-    col = colors(table["initializer"].unique())
+    """Init time per layer shape, log y, per initializer: filled = measured, hollow =
+    predicted by the cost law (skipped over the limit), cross = failed (timeout, crash,
+    out of memory) at its predicted time; dotted lines are the fitted laws."""
     traces: dict[str, list] = {}
-    for view, group in table.groupby(table.apply(_view, axis=1), sort=True):
+    for view, group in table.groupby("view", sort=True):
         items = []
         for name, g in group.groupby("initializer"):
-            g = g.sort_values("numel")
-            custom = np.stack([g["initializer"], g["shape"], g["role"].fillna(""),
-                               np.where(g["extrapolated"], "predicted by cost law (" + g["status"] + ")",
-                                        "measured, median of " + g["values_s"].map(lambda v: str(len(v)) if isinstance(v, list) else "?") + " values")], axis=-1)
+            g = g.sort_values(["numel", "d_out"])
+            drawn = g[g["time_s"].notna()]
+            note = np.where(drawn["failed"], drawn["status"] + ": " + drawn["reason"].fillna("").str.slice(0, 120)
+                            + " (time predicted by cost law)",
+                            np.where(drawn["extrapolated"], "predicted by cost law (" + drawn["status"] + "): "
+                                     + drawn["reason"].fillna("").str.slice(0, 80),
+                                     "measured, median of " + drawn["values_s"].map(
+                                         lambda v: str(len(v)) if isinstance(v, list) else "?") + " values"))
+            custom = np.stack([drawn["initializer"], drawn["shape"], drawn["role"].fillna(""), note], axis=-1)
+            symbols = np.where(drawn["failed"], "x", np.where(drawn["extrapolated"], "circle-open", "circle"))
             items.append(go.Scatter(
-                x=g["numel"], y=g["time_s"], name=name, legendgroup=name, mode="lines+markers",
-                line={"color": col[name]}, customdata=custom, hovertemplate=_hover("time", "s"),
-                marker={"symbol": np.where(g["extrapolated"], "circle-open", "circle"), "size": 9},
+                x=drawn["shape"], y=drawn["time_s"], name=name, legendgroup=name, mode="lines+markers",
+                line={"color": color(name)}, customdata=custom, hovertemplate=_hover("time", "s"),
+                marker={"symbol": symbols, "size": np.where(drawn["failed"], 12, 9)},
             ))
-            law = laws[(laws["initializer"] == name) & (laws.apply(_view, axis=1) == view)] if not laws.empty else laws
-            if not law.empty and g["numel"].max() > g["numel"].min():
+            law = laws[(laws["initializer"] == name) & (laws["view"] == view)] if not laws.empty else laws
+            if not law.empty and len(g) > 1:
                 law = law.iloc[0]
-                xs = np.geomspace(g["numel"].min(), g["numel"].max(), 20)
-                # the law is in its own size variable; draw it along the measured shapes' aspect
-                fit_y = [law["coefficient"] * costlaw.size_variable(name, *_shape_at(g, x)) ** law["exponent"] for x in xs]
-                items.append(go.Scatter(x=xs, y=fit_y, mode="lines", legendgroup=name, showlegend=False,
-                                        line={"color": col[name], "dash": "dot", "width": 1},
+                items.append(go.Scatter(x=g["shape"], y=g["fit_s"], mode="lines", legendgroup=name, showlegend=False,
+                                        line={"color": color(name), "dash": "dot", "width": 1},
                                         hovertemplate=f"{name} fit: t ∝ ({law['variable']})^{law['exponent']:.2f}<extra></extra>"))
+        _key(items, [("measured", {"mode": "markers", "marker": {"symbol": "circle", "color": KEY}}),
+                     ("predicted (skipped)", {"mode": "markers", "marker": {"symbol": "circle-open", "color": KEY}}),
+                     ("failed, time predicted", {"mode": "markers", "marker": {"symbol": "x", "color": KEY, "size": 11}}),
+                     ("fitted cost law", {"mode": "lines", "line": {"color": KEY, "dash": "dot"}})])
         traces[view] = items
-    return with_views(traces, {"title": "Init time per layer shape (log-log)", "xaxis": {"type": "log", "title": "layer size m·n"},
-                               "yaxis": {"type": "log", "title": "seconds (median; first call apart)"}}, "device · dtype")
+    return with_views(traces, {"title": "Init time per layer shape", "xaxis": _shape_axis(table),
+                               "yaxis": {"type": "log", "title": "seconds (median; first call apart)"}}, "view")
 
 
-def _shape_at(group: pd.DataFrame, numel: float) -> tuple[float, float]:
-    """A (d_out, d_in) of size ``numel`` with the aspect of the nearest measured shape."""
-    nearest = group.iloc[(np.log(group["numel"]) - math.log(numel)).abs().argmin()]
-    aspect = nearest["d_out"] / nearest["d_in"]
-    d_in = math.sqrt(numel / aspect)
-    return aspect * d_in, d_in
-
-
-def speedup(table: pd.DataFrame) -> go.Figure:
-    col = colors(table["initializer"].unique()) if not table.empty else {}
+def speedup(table: pd.DataFrame, reference_label: str) -> go.Figure:
+    """Speedup bars per shape; hatched bars involve a predicted time (either side)."""
     traces: dict[str, list] = {}
-    for view, group in table.groupby(table.apply(_view, axis=1), sort=True):
+    for view, group in table.groupby("view", sort=True):
         items = []
         for name, g in group.groupby("initializer"):
-            g = g.sort_values("numel")
-            note = np.where(g["extrapolated"] | g["ref_extrapolated"], "involves a cost-law prediction", "both measured")
+            g = g.sort_values(["numel", "d_out"])
+            predicted = (g["extrapolated"] | g["ref_extrapolated"]).to_numpy()
+            note = np.where(g["ref_extrapolated"] & g["extrapolated"], "both times predicted by cost laws",
+                            np.where(g["ref_extrapolated"], f"{reference_label}'s time predicted by its cost law",
+                                     np.where(g["extrapolated"], "this time predicted by its cost law", "both measured")))
             custom = np.stack([g["initializer"], g["shape"], g["role"].fillna(""), note], axis=-1)
-            items.append(go.Bar(x=g["shape"], y=g["speedup"], name=name, legendgroup=name, marker={"color": col[name]},
-                                customdata=custom, hovertemplate=_hover("speedup over full-SVD PiSSA", "x")))
+            items.append(go.Bar(x=g["shape"], y=g["speedup"], name=name, legendgroup=name,
+                                marker={"color": color(name), "pattern": {"shape": np.where(predicted, "/", "")}},
+                                customdata=custom, hovertemplate=_hover(f"speedup over {reference_label}", "x")))
+        _key(items, [("hatched: involves a predicted time", {"mode": "markers", "marker": {"symbol": "square-open",
+                                                                                            "color": KEY}})])
         traces[view] = items
-    return with_views(traces, {"title": "Speedup over full-SVD PiSSA (time of pissa / time of initializer)",
-                               "barmode": "group", "yaxis": {"type": "log", "title": "x faster than pissa"},
-                               "xaxis": {"title": "layer shape d_out x d_in"}}, "device · dtype")
+    return with_views(traces, {"title": f"Speedup over {reference_label} (its time / time of the initializer)",
+                               "barmode": "group", "yaxis": {"type": "log", "title": f"x faster than {reference_label}"},
+                               "xaxis": _shape_axis(table)}, "view")
 
 
 def memory(table: pd.DataFrame) -> go.Figure:
     """Peak CPU extra RSS and, where CUDA rows exist, peak GPU allocated / reserved."""
     ok = table[table["status"] == "ok"]
-    col = colors(ok["initializer"].unique())
     metrics = [("peak_cpu_extra_bytes", "CPU peak RSS above entry", "solid")]
     if "peak_gpu_allocated_bytes" in ok and ok["peak_gpu_allocated_bytes"].fillna(0).gt(0).any():
         metrics += [("peak_gpu_allocated_bytes", "GPU peak allocated", "dash"), ("peak_gpu_reserved_bytes", "GPU peak reserved", "dot")]
     traces: dict[str, list] = {}
-    for view, group in ok.groupby(ok.apply(_view, axis=1), sort=True):
+    for view, group in ok.groupby("view", sort=True):
         items = []
         for name, g in group.groupby("initializer"):
-            g = g.sort_values("numel")
+            g = g.sort_values(["numel", "d_out"])
             for column, label, dash in metrics:
                 custom = np.stack([g["initializer"], g["shape"], g["role"].fillna(""),
-                                   [f"{label}: {v / BYTES_MIB:.4g} MiB exactly; weight itself {w / BYTES_MIB:.1f} MiB"
+                                   [f"{label}: {human_bytes(v)}; the weight itself {human_bytes(w)}"
                                     for v, w in zip(g[column].fillna(0), g["weight_bytes"])]], axis=-1)
                 floor = 4096 / BYTES_MIB  # one page: a log axis cannot show 0
-                items.append(go.Scatter(x=g["numel"], y=(g[column] / BYTES_MIB).clip(lower=floor), name=f"{name}", legendgroup=name,
-                                        showlegend=column == "peak_cpu_extra_bytes", mode="lines+markers",
-                                        line={"color": col[name], "dash": dash}, customdata=custom,
+                items.append(go.Scatter(x=g["shape"], y=(g[column] / BYTES_MIB).clip(lower=floor), name=f"{name}",
+                                        legendgroup=name, showlegend=column == "peak_cpu_extra_bytes", mode="lines+markers",
+                                        line={"color": color(name), "dash": dash}, customdata=custom,
                                         hovertemplate=_hover(label, "MiB")))
         traces[view] = items
     title = "Peak memory of the init call beyond the weight (solid: CPU RSS" + (", dashed/dotted: GPU allocated/reserved)" if len(metrics) > 1 else "; no CUDA rows in these results)") + "<br><sub>values below one 4 KiB page are drawn at 4 KiB</sub>"
-    return with_views(traces, {"title": title, "xaxis": {"type": "log", "title": "layer size m·n"},
-                               "yaxis": {"type": "log", "title": "MiB"}}, "device · dtype")
+    return with_views(traces, {"title": title, "xaxis": _shape_axis(ok if not ok.empty else table),
+                               "yaxis": {"type": "log", "title": "MiB (1024 MiB = 1 GiB)"}}, "view")
 
 
 def totals(frame: pd.DataFrame) -> go.Figure:
-    col = colors(frame["initializer"].unique())
+    """Whole-model totals per preset; the dropdown opens on the preset with the most
+    measured time. Bars of totals that are mostly predicted are hatched."""
     traces: dict[str, list] = {}
-    for (preset, view), g in frame.groupby([frame["preset"], frame.apply(_view, axis=1)], sort=False):
-        g = g.sort_values("total_s")
-        custom = np.stack([g["initializer"], [preset] * len(g), g["layers"].astype(str),
-                           [f"{s:.0%} of it predicted by cost laws" for s in g["extrapolated_share"]]], axis=-1)
+    order = frame.groupby(["preset", "view"], sort=False)["extrapolated_share"].mean().sort_values(kind="stable")
+    for preset, view in order.index:
+        g = frame[(frame["preset"] == preset) & (frame["view"] == view)].sort_values("total_s")
+        notes = [f"{s:.0%} of it predicted by cost laws" + (f", including {n} failed cell(s)" if n else "")
+                 for s, n in zip(g["extrapolated_share"], g["failed_cells"])]
+        custom = np.stack([g["initializer"], [preset] * len(g), g["layers"].astype(str), notes], axis=-1)
         traces[f"{preset} · {view}"] = [go.Bar(
-            x=g["initializer"], y=g["total_s"], marker={"color": [col[n] for n in g["initializer"]]}, customdata=custom,
+            x=g["initializer"], y=g["total_s"], customdata=custom,
+            marker={"color": [color(n) for n in g["initializer"]],
+                    "pattern": {"shape": ["/" if s > 0.5 else "" for s in g["extrapolated_share"]]}},
             hovertemplate="<b>%{customdata[0]}</b> on %{customdata[1]} (%{customdata[2]} layers)<br>total %{y:.4g} s<br>%{customdata[3]}<extra></extra>",
             showlegend=False)]
-    return with_views(traces, {"title": "Whole-model init time (Σ per-shape time x count)",
-                               "yaxis": {"type": "log", "title": "seconds"}}, "preset · device · dtype")
+    return with_views(traces, {"title": "Whole-model init time (Σ per-shape time x count)<br><sub>hatched: more than half "
+                                        "of the total predicted by cost laws</sub>",
+                               "yaxis": {"type": "log", "title": "seconds"}}, "preset · view")
 
 
-def loss_curves(loss: pd.DataFrame, metric: str, title: str, ytitle: str) -> go.Figure:
-    col = colors(loss["initializer"].unique())
+def loss_curves(loss: pd.DataFrame, metric: str, title: str, ytitle: str, trainable: dict[str, int] | None = None) -> go.Figure:
+    """One line per initializer; its legend entry says how many parameters it trains."""
+    trainable = trainable or {}
     fig = go.Figure()
     for name, g in loss.groupby("initializer"):
         g = g.sort_values("step").dropna(subset=[metric])
-        fig.add_trace(go.Scatter(x=g["step"], y=g[metric], name=name, mode="lines+markers" if metric == "eval_loss" else "lines",
-                                 line={"color": col[name]},
-                                 hovertemplate=f"<b>{name}</b><br>step %{{x}}<br>{ytitle}: %{{y:.5g}}<extra></extra>"))
+        label = f"{name} ({trainable[name] / 1e6:.3g} M trainable)" if trainable.get(name) else name
+        fig.add_trace(go.Scatter(x=g["step"], y=g[metric], name=label, mode="lines+markers" if metric == "eval_loss" else "lines",
+                                 line={"color": color(name)},
+                                 hovertemplate=f"<b>{label}</b><br>step %{{x}}<br>{ytitle}: %{{y:.5g}}<extra></extra>"))
     fig.update_layout(template="plotly_white", title=title, xaxis_title="step", yaxis_title=ytitle, height=420,
                       margin={"t": 60, "r": 20, "b": 50, "l": 70})
     return fig
@@ -167,7 +218,6 @@ def loss_curves(loss: pd.DataFrame, metric: str, title: str, ytitle: str) -> go.
 
 def history_trend(history: pd.DataFrame) -> go.Figure:
     """Median init time per run (x: run order) for each initializer; dropdown: shape."""
-    col = colors(history["initializer"].unique())
     traces: dict[str, list] = {}
     runs = {rid: i for i, rid in enumerate(dict.fromkeys(history["run_id"]))}
     for shape, g in history.groupby("shape", sort=False):
@@ -175,7 +225,7 @@ def history_trend(history: pd.DataFrame) -> go.Figure:
         for name, h in g.groupby("initializer"):
             h = h.assign(order=h["run_id"].map(runs)).sort_values("order")
             custom = np.stack([h["initializer"], h["shape"], h["git_commit"].str[:10], h["machine"]], axis=-1)
-            items.append(go.Scatter(x=h["order"], y=h["median_s"], name=name, mode="lines+markers", line={"color": col[name]},
+            items.append(go.Scatter(x=h["order"], y=h["median_s"], name=name, mode="lines+markers", line={"color": color(name)},
                                     customdata=custom, hovertemplate="<b>%{customdata[0]}</b> %{customdata[1]}<br>commit %{customdata[2]}<br>%{customdata[3]}<br>median %{y:.5g} s<extra></extra>"))
         traces[shape] = items
     return with_views(traces, {"title": "History: median init time per run", "xaxis": {"title": "run (oldest first)"},

@@ -11,10 +11,13 @@ from typing import Any
 import pandas as pd
 import plotly.offline
 
-from bench.shapes import PRESETS
+from bench.identity import IDENTITY_FIELDS
+from bench.metrics import METRICS
+from bench.suites import SPEEDUP_REFERENCE
+from loram_ref import INITIALIZERS
 
 from . import figures
-from .tables import ResultSet, cells, cost_laws, load_results, model_totals, speedups
+from .tables import ResultSet, cells, cost_laws, failures, load_results, model_totals, speedups, without_totals
 
 _CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
@@ -25,6 +28,7 @@ h1{margin:24px 0 4px} h2{margin-top:36px;border-bottom:1px solid #ddd;padding-bo
 th,td{border:1px solid #ddd;padding:3px 8px;text-align:right;white-space:nowrap} th{background:#f4f4f4;cursor:pointer;position:sticky;top:0}
 td:first-child,th:first-child{text-align:left} .scroll{max-height:520px;overflow:auto;border:1px solid #eee}
 .bad{background:#fde2e1} .good{background:#e3f5e1} .warn{background:#fff4d6} nav a{margin-right:14px}
+td.reason{white-space:normal;min-width:320px;max-width:640px;text-align:left}
 """
 
 # Click a header to sort its table (numbers numerically, text otherwise).
@@ -44,16 +48,21 @@ document.querySelectorAll('table.sortable th').forEach(function(th, col){
 });
 """
 
-ROW_COLUMNS = ["initializer", "role", "d_out", "d_in", "rank", "dtype", "device", "threads", "status", "first_s", "median_s",
-               "stdev_s", "peak_cpu_extra_bytes", "peak_gpu_allocated_bytes", "peak_gpu_reserved_bytes",
-               "reconstruction_rel_err", "delta_rel_norm", "reason"]
+#: The rows table: identity, role, status and reason first, then every metric of the metric table.
+ROW_COLUMNS = [*IDENTITY_FIELDS[:-1], "role", "status", "phase", "reason", "processes", *(m.name for m in METRICS), "stdev_s"]
+FAILURE_COLUMNS = ["initializer", "shape", "rank", "dtype", "device", "threads", "status", "phase", "reason", "predicted_s",
+                   "limit_s", "run_id"]
+#: Row classes by status: failures red, skips yellow.
+STATUS_CSS = {"timeout": "bad", "crashed": "bad", "failed": "bad", "oom": "bad", "skipped": "warn"}
 ENV_COLUMNS = ["git_commit", "git_dirty", "hostname", "platform", "python", "cpu_model", "cpu_count", "memory_bytes",
                "torch_version", "transformers_version", "peft_version", "gpu_name", "cuda_version", "run_id", "timestamp"]
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, column: str = "") -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return ""
+    if column.endswith("_bytes") and isinstance(value, (int, float)):
+        return figures.human_bytes(value)
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -68,9 +77,18 @@ def table_html(frame: pd.DataFrame, columns: list[str] | None = None, classes: p
     body = []
     for i, (_, row) in enumerate(frame[cols].iterrows()):
         css = f' class="{classes.iloc[i]}"' if classes is not None else ""
-        cells_ = "".join(f'<td data-v="{html.escape(str(row[c]))}">{html.escape(_fmt(row[c]))}</td>' for c in cols)
+        cells_ = "".join(f'<td data-v="{html.escape(str(row[c]))}"{_cell_class(c)}>{html.escape(_fmt(row[c], c))}</td>'
+                         for c in cols)
         body.append(f"<tr{css}>{cells_}</tr>")
     return f'<div class="scroll"><table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def _cell_class(column: str) -> str:
+    return ' class="reason"' if column == "reason" else ""
+
+
+def _status_classes(frame: pd.DataFrame) -> pd.Series:
+    return frame["status"].map(STATUS_CSS).fillna("") if "status" in frame else None
 
 
 def _figure(fig) -> str:
@@ -81,10 +99,14 @@ def _section(anchor: str, title: str, *parts: str) -> str:
     return f'<h2 id="{anchor}">{html.escape(title)}</h2>' + "".join(parts)
 
 
-def build_report(results: Path, out: Path, comparison: pd.DataFrame | None = None, title: str = "loram-bench report") -> Path:
-    """Write the report of a results folder (or an init.jsonl) to ``out``; return its path."""
+def build_report(results: Path, out: Path, comparison: pd.DataFrame | None = None, title: str = "loram-bench report",
+                 speedup_reference: str = SPEEDUP_REFERENCE) -> Path:
+    """Write the report of a results folder (or an init.jsonl) to ``out``; return its path.
+
+    ``speedup_reference`` is the initializer whose time the speedup chart divides by.
+    """
     data = load_results(results)
-    sections = render_sections(data, comparison)
+    sections = render_sections(data, comparison, speedup_reference)
     nav = " ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t, _ in sections)
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     page = (
@@ -102,7 +124,14 @@ def build_report(results: Path, out: Path, comparison: pd.DataFrame | None = Non
     return out
 
 
-def render_sections(data: ResultSet, comparison: pd.DataFrame | None) -> list[tuple[str, str, str]]:
+def _metric_legend() -> str:
+    items = "".join(f"<li><code>{html.escape(m.name)}</code> ({html.escape(m.unit)}): {html.escape(m.label)}; "
+                    f"processes merge by {m.merge.value}</li>" for m in METRICS)
+    return f'<details class="note"><summary>columns</summary><ul>{items}</ul></details>'
+
+
+def render_sections(data: ResultSet, comparison: pd.DataFrame | None,
+                    speedup_reference: str = SPEEDUP_REFERENCE) -> list[tuple[str, str, str]]:
     sections: list[tuple[str, str, str]] = []
     if comparison is not None and not comparison.empty:
         verdict_css = comparison["verdict"].map({"slower": "bad", "more memory": "bad", "faster": "good",
@@ -116,9 +145,24 @@ def render_sections(data: ResultSet, comparison: pd.DataFrame | None) -> list[tu
         laws = cost_laws(init)
         table = cells(init, laws)
         sections.append(("time", "Init time", _figure(figures.init_time(table, laws))))
-        sp = speedups(table)
+        failed = failures(init)
+        if not failed.empty:
+            counts = failed["status"].value_counts().to_dict()
+            sections.append(("failures", "Failures and skipped cells",
+                             f'<p class="note">{len(failed)} cells were not measured: '
+                             + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+                             + ". Failed cells (red) are drawn as crosses at the time their cost law predicts, skipped "
+                               "ones (yellow) as hollow circles; a cell without a law is not drawn.</p>"
+                             + '<div id="failure-table">' + table_html(failed, FAILURE_COLUMNS, classes=_status_classes(failed))
+                             + "</div>"))
+        sp = speedups(table, speedup_reference)
+        label = INITIALIZERS[speedup_reference].label if speedup_reference in INITIALIZERS else speedup_reference
         if not sp.empty:
-            sections.append(("speedup", "Speedup over full-SVD PiSSA", _figure(figures.speedup(sp))))
+            sections.append(("speedup", f"Speedup over {label}", _figure(figures.speedup(sp, label))))
+        else:
+            sections.append(("speedup", f"Speedup over {label}",
+                             f'<p class="note">no speedup chart: {html.escape(speedup_reference)} has no measured or '
+                             'predicted time in these results.</p>'))
         sections.append(("memory", "Peak memory", _figure(figures.memory(table))))
         if not laws.empty:
             shown = laws.assign(exponent=laws["exponent"].round(3), r2=laws["r2"].round(4))
@@ -129,10 +173,22 @@ def render_sections(data: ResultSet, comparison: pd.DataFrame | None) -> list[tu
                              'dominates. Skipped or failed cells and model totals use t = linear_coefficient·x, fitted at '
                              'the largest measured size.</p>'
                              + table_html(shown)))
-            totals = model_totals(table, laws, list(PRESETS))
+            totals = model_totals(table, laws, data.catalog)
             if not totals.empty:
-                sections.append(("totals", "Model-level totals", _figure(figures.totals(totals))))
-        sections.append(("rows", "All init rows", table_html(init, ROW_COLUMNS)))
+                missing = without_totals(init, laws)
+                note = ('<p class="note">no total for ' + html.escape(", ".join(missing))
+                        + ": no measured cell to fit a cost law to.</p>") if missing else ""
+                sections.append(("totals", "Model-level totals", _figure(figures.totals(totals)) + note))
+            elif not data.catalog:
+                sections.append(("totals", "Model-level totals",
+                                 '<p class="note">no shape catalog (catalog.json) in this results folder: '
+                                 '<code>loram-bench run</code> writes one.</p>'))
+        cuda_note = ""
+        if "cuda_event_gap" in init and init["cuda_event_gap"].notna().any():
+            cuda_note = (f'<p class="note">CUDA event cross-check: the largest |event − wall| / wall of any cell is '
+                         f'{init["cuda_event_gap"].max():.3g} (column cuda_event_gap).</p>')
+        sections.append(("rows", "All init rows", cuda_note + table_html(init, ROW_COLUMNS, classes=_status_classes(init))
+                         + _metric_legend()))
     if not data.loss.empty:
         s = data.loss_summary
         config = s.iloc[0]
@@ -144,10 +200,13 @@ def render_sections(data: ResultSet, comparison: pd.DataFrame | None) -> list[tu
         cols = ["initializer", "trainable_params", "init_seconds", "stats_seconds", "stats_peak_cpu_extra_bytes",
                 "step0_shift_norm", "step0_delta_rel_norm", "step0_eval_loss", "step0_eval_loss_change",
                 "final_train_loss", "final_eval_loss", "final_update_norm", "mean_step_s"]
+        trainable = ({r["initializer"]: int(r["trainable_params"]) for r in s.to_dict("records")
+                      if pd.notna(r.get("trainable_params"))} if "trainable_params" in s else {})
         sections.append(("loss", "Short-run loss", meta
-                         + _figure(figures.loss_curves(data.loss, "train_loss", "Train loss per step", "train loss"))
-                         + _figure(figures.loss_curves(data.loss, "eval_loss", "Held-out eval loss", "eval loss"))
-                         + _figure(figures.loss_curves(data.loss, "update_norm", "Update magnitude Σ‖W_eff(t) − W_eff(0)‖_F", "Σ ‖ΔW‖_F"))
+                         + _figure(figures.loss_curves(data.loss, "train_loss", "Train loss per step", "train loss", trainable))
+                         + _figure(figures.loss_curves(data.loss, "eval_loss", "Held-out eval loss", "eval loss", trainable))
+                         + _figure(figures.loss_curves(data.loss, "update_norm", "Update magnitude Σ‖W_eff(t) − W_eff(0)‖_F",
+                                                       "Σ ‖ΔW‖_F", trainable))
                          + table_html(s, cols)))
     if not data.history.empty:
         sections.append(("history", "History", _figure(figures.history_trend(data.history))))

@@ -1,17 +1,24 @@
 """From result rows to the tables the report draws: init cells with extrapolations, cost
-laws, speedups over full-SVD PiSSA and model-level totals. No plotting here."""
+laws, speedups over a reference initializer and model-level totals. No plotting here.
+
+Cells are grouped by their family (``bench.identity``): one cost law and one line per
+initializer and view (device, dtype, rank, threads, scaling, options), so two thread
+counts in one folder stay two laws and two lines.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from bench import costlaw
+from bench.catalog import read_catalog
+from bench.identity import family, view, view_label
 from bench.results import read_rows, to_frame
-
-GROUP = ["device", "dtype", "rank"]
+from bench.schema import FAILURES, SKIPPED
+from bench.shapes import LayerShape
 
 
 @dataclass
@@ -20,6 +27,7 @@ class ResultSet:
     loss: pd.DataFrame
     loss_summary: pd.DataFrame
     history: pd.DataFrame
+    catalog: dict[str, list[LayerShape]] = field(default_factory=dict)
 
 
 def _load_rows(path: Path) -> list[dict]:
@@ -27,7 +35,7 @@ def _load_rows(path: Path) -> list[dict]:
 
 
 def load_results(results: Path) -> ResultSet:
-    """Read ``init.jsonl``, ``loss.jsonl`` and ``history.jsonl`` of a results folder."""
+    """Read ``init.jsonl``, ``loss.jsonl``, ``history.jsonl`` and ``catalog.json`` of a results folder."""
     results = Path(results)
     if results.is_file():
         init_rows, folder = read_rows(results), results.parent
@@ -35,28 +43,36 @@ def load_results(results: Path) -> ResultSet:
         init_rows, folder = _load_rows(results / "init.jsonl"), results
     loss_rows = _load_rows(folder / "loss.jsonl")
     init = to_frame([r for r in init_rows if r.get("kind", "init") == "init"])
+    if not init.empty:
+        init["family"] = [family(r) for r in init.to_dict("records")]
+        init["view"] = [view_label(r) for r in init.to_dict("records")]
     loss = pd.DataFrame([r for r in loss_rows if r.get("kind") == "loss"])
     summary = pd.DataFrame([r for r in loss_rows if r.get("kind") == "loss_summary"])
+    if not loss.empty and "run_uid" in loss and not summary.empty and "run_uid" in summary:
+        # steps of a run count only once its summary was written (a run cut off mid-write is redone)
+        finished = set(summary["run_uid"].dropna())
+        loss = loss[loss["run_uid"].isna() | loss["run_uid"].isin(finished)]
     if not summary.empty:  # the latest configuration only: curves are comparable within one
         latest = summary["config_key"].iloc[-1]
         summary = summary[summary["config_key"] == latest].drop_duplicates("initializer", keep="last")
         loss = loss[loss["config_key"] == latest].drop_duplicates(["initializer", "step"], keep="last")
     history = pd.DataFrame(_load_rows(folder / "history.jsonl"))
-    return ResultSet(init=init, loss=loss, loss_summary=summary, history=history)
+    return ResultSet(init=init, loss=loss, loss_summary=summary, history=history, catalog=read_catalog(folder))
 
 
 def cost_laws(init: pd.DataFrame) -> pd.DataFrame:
-    """Per (initializer, device, dtype, rank): the descriptive law ``t = c·x^k`` over the
-    largest sizes, and the linear extrapolation law's ``c`` (``bench.costlaw``)."""
+    """Per family: the descriptive law ``t = c·x^k`` over the largest sizes, and the
+    linear extrapolation law's ``c`` (``bench.costlaw``)."""
     out = []
     if init.empty:
         return pd.DataFrame(out)
     ok = init[init["status"] == "ok"]
-    for (name, device, dtype, rank), group in ok.groupby(["initializer", *GROUP]):
+    for fam, group in ok.groupby("family", sort=False):
         rows = group.to_dict("records")
+        name = rows[0]["initializer"]
         law, linear = costlaw.fit_rows(rows, name), costlaw.fit_rows(rows, name, largest=1)
         if law is not None:
-            out.append({"initializer": name, "device": device, "dtype": dtype, "rank": rank, "variable": law.variable,
+            out.append({"initializer": name, "view": rows[0]["view"], "family": fam, "variable": law.variable,
                         "exponent": law.exponent, "coefficient": law.coefficient, "r2": law.r2, "points": law.points,
                         "linear_coefficient": linear.coefficient})
     return pd.DataFrame(out)
@@ -67,63 +83,101 @@ def extrapolate(law: dict, initializer: str, d_out: int, d_in: int) -> float:
     return law["linear_coefficient"] * costlaw.size_variable(initializer, d_out, d_in)
 
 
+def describe(law: dict, initializer: str, d_out: int, d_in: int) -> float:
+    """Time of a shape by the descriptive law (the dotted fit of the charts)."""
+    return law["coefficient"] * costlaw.size_variable(initializer, d_out, d_in) ** law["exponent"]
+
+
+def _law_index(laws: pd.DataFrame) -> dict[tuple, dict]:
+    return {r["family"]: r for r in laws.to_dict("records")} if not laws.empty else {}
+
+
 def cells(init: pd.DataFrame, laws: pd.DataFrame) -> pd.DataFrame:
-    """Every (initializer, shape, device, dtype, rank) cell with a time: measured where ok,
-    predicted by its cost law where the cell was skipped, timed out or crashed."""
+    """Every cell with a time: measured where ok, predicted by its family's cost law where
+    the cell was skipped, timed out or crashed."""
     if init.empty:
         return init
     frame = init.copy()
     for column, default in (("role", ""), ("weight_bytes", 0), ("values_s", None), ("peak_cpu_extra_bytes", 0),
-                            ("peak_gpu_allocated_bytes", 0), ("peak_gpu_reserved_bytes", 0), ("median_s", None)):
+                            ("peak_gpu_allocated_bytes", 0), ("peak_gpu_reserved_bytes", 0), ("median_s", None),
+                            ("cuda_event_gap", None), ("reason", ""), ("phase", "")):
         if column not in frame:
             frame[column] = default  # rows from older or hand-made files
     frame["extrapolated"] = frame["status"] != "ok"
+    frame["failed"] = frame["status"].isin(FAILURES)
     frame["time_s"] = frame["median_s"].astype(float)
-    law_index = {tuple(r[k] for k in ["initializer", *GROUP]): r for r in laws.to_dict("records")} if not laws.empty else {}
-    for i, row in frame[frame["extrapolated"]].iterrows():
-        law = law_index.get((row["initializer"], row["device"], row["dtype"], row["rank"]))
-        if law is not None:
+    index = _law_index(laws)
+    frame["fit_s"] = float("nan")
+    for i, row in frame.iterrows():
+        law = index.get(row["family"])
+        if law is None:
+            continue
+        frame.at[i, "fit_s"] = describe(law, row["initializer"], row["d_out"], row["d_in"])
+        if row["extrapolated"]:
             frame.at[i, "time_s"] = extrapolate(law, row["initializer"], row["d_out"], row["d_in"])
     frame["numel"] = frame["d_out"] * frame["d_in"]
     frame["shape"] = frame["d_out"].astype(str) + "x" + frame["d_in"].astype(str)
     return frame.sort_values(["initializer", "numel"]).reset_index(drop=True)
 
 
-def speedups(table: pd.DataFrame, reference: str = "pissa") -> pd.DataFrame:
-    """``time(reference) / time(initializer)`` per shape and group (> 1: faster than it)."""
+def speedups(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """``time(reference) / time(initializer)`` per shape and view (> 1: faster than it)."""
     if table.empty or reference not in set(table["initializer"]):
         return pd.DataFrame()
-    ref = table[table["initializer"] == reference][[*GROUP, "shape", "time_s", "extrapolated"]]
+    table = table.assign(view_key=[view(r) for r in table.to_dict("records")])
+    ref = table[table["initializer"] == reference][["view_key", "shape", "time_s", "extrapolated"]]
     ref = ref.rename(columns={"time_s": "ref_time_s", "extrapolated": "ref_extrapolated"})
-    merged = table.merge(ref, on=[*GROUP, "shape"])
+    merged = table.merge(ref, on=["view_key", "shape"])
     merged["speedup"] = merged["ref_time_s"] / merged["time_s"]
-    return merged[merged["initializer"] != reference]
+    return merged[merged["initializer"] != reference].drop(columns=["view_key"])
 
 
-def model_totals(table: pd.DataFrame, laws: pd.DataFrame, presets: list[str]) -> pd.DataFrame:
-    """Whole-model init time per preset: Σ over its shapes of time x count. Shapes never
-    measured are predicted by the cost law; ``extrapolated_share`` says how much."""
-    from bench.shapes import model_shapes
-
-    if table.empty:
+def model_totals(table: pd.DataFrame, laws: pd.DataFrame, catalog: dict[str, list[LayerShape]]) -> pd.DataFrame:
+    """Whole-model init time per catalog entry: Σ over its shapes of time x count. Shapes
+    never measured are predicted by the cost law; ``extrapolated_share`` says how much."""
+    if table.empty or laws.empty:
         return pd.DataFrame()
-    law_index = {tuple(r[k] for k in ["initializer", *GROUP]): r for r in laws.to_dict("records")} if not laws.empty else {}
-    measured = {(r["initializer"], r["device"], r["dtype"], r["rank"], r["d_out"], r["d_in"]): r
-                for r in table.to_dict("records") if pd.notna(r.get("time_s"))}
+    measured = {(r["family"], r["d_out"], r["d_in"]): r for r in table.to_dict("records") if pd.notna(r.get("time_s"))}
+    failed = {(r["family"], r["d_out"], r["d_in"]) for r in table.to_dict("records") if r["status"] in FAILURES}
     out = []
-    for preset in presets:
-        shapes = model_shapes(preset)
-        for key, law in law_index.items():
+    for preset, shapes in catalog.items():
+        for law in laws.to_dict("records"):
+            name = law["initializer"]
             total = extrapolated = 0.0
+            failed_cells = 0
             for s in shapes:
-                cell = measured.get((*key, s.d_out, s.d_in))
+                failed_cells += (law["family"], s.d_out, s.d_in) in failed
+                cell = measured.get((law["family"], s.d_out, s.d_in))
                 if cell is not None and not cell["extrapolated"]:
                     t = cell["time_s"]
                 else:
-                    t = extrapolate(law, key[0], s.d_out, s.d_in)
+                    t = extrapolate(law, name, s.d_out, s.d_in)
                     extrapolated += t * s.count
                 total += t * s.count
-            out.append({"preset": preset, "initializer": key[0], "device": key[1], "dtype": key[2], "rank": key[3],
-                        "total_s": total, "extrapolated_share": extrapolated / total if total else 0.0,
+            out.append({"preset": preset, "initializer": name, "view": law["view"], "total_s": total,
+                        "extrapolated_share": extrapolated / total if total else 0.0, "failed_cells": failed_cells,
                         "layers": sum(s.count for s in shapes)})
     return pd.DataFrame(out)
+
+
+def failures(init: pd.DataFrame) -> pd.DataFrame:
+    """Every cell that was not measured: failed (timeout, crash, out of memory, error)
+    first, then skipped by prediction, with status, phase and reason."""
+    if init.empty:
+        return init
+    frame = init[init["status"].isin([*FAILURES, SKIPPED])].copy()
+    if frame.empty:
+        return frame
+    frame["shape"] = frame["d_out"].astype(str) + "x" + frame["d_in"].astype(str)
+    frame["order"] = (frame["status"] == SKIPPED).astype(int)
+    return frame.sort_values(["order", "initializer", "d_out", "d_in"]).drop(columns=["order"]).reset_index(drop=True)
+
+
+def without_totals(init: pd.DataFrame, laws: pd.DataFrame) -> list[str]:
+    """Initializers (per view) with cells but no cost law: no measured cell to fit one, so
+    no model total can be given."""
+    if init.empty:
+        return []
+    fitted = set(laws["family"]) if not laws.empty else set()
+    missing = init[~init["family"].isin(fitted)]
+    return sorted({f"{r['initializer']} ({r['view']})" for r in missing.to_dict("records")})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 import loram_ref
-from loram_ref import LoraDAStats, LoraSBStats, Statistics
 
 SHAPES = {"tall": (96, 48), "wide": (40, 112), "square": (64, 64)}
 DTYPES = [torch.float32, torch.bfloat16]
@@ -16,13 +15,8 @@ REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
 def stats_for(name: str, m: int, n: int, seed: int = 123):
-    g = torch.Generator().manual_seed(seed)
     kind = loram_ref.get_initializer(name).statistics
-    if kind is Statistics.LORA_SB:
-        return {"stats": LoraSBStats.synthetic(m, n, g)}
-    if kind is Statistics.LORA_DA:
-        return {"stats": LoraDAStats.synthetic(m, n, g)}
-    return {}
+    return {"stats": kind.synthetic(m, n, torch.Generator().manual_seed(seed))} if kind.needed else {}
 
 
 def run_init(name: str, weight: torch.Tensor, rank: int, scaling: float = 1.0, **kwargs) -> loram_ref.LoraInit:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -13,8 +14,9 @@ from bench.results import append_row, read_rows
 
 
 def _row(values, status="ok", key="k1", mem=10 << 20, **extra):
+    # cells are told apart by their identity (bench.identity); ``key`` names one through its options
     return {"kind": "init", "task_key": key, "initializer": "pissa", "d_out": 64, "d_in": 32, "rank": 4, "dtype": "float32",
-            "device": "cpu", "threads": 2, "options": "{}", "status": status, "values_s": values,
+            "device": "cpu", "threads": 2, "options": json.dumps({"cell": key}), "status": status, "values_s": values,
             "median_s": sorted(values)[len(values) // 2] if values else None, "peak_cpu_extra_bytes": mem,
             "run_id": extra.pop("run_id", "r1"), "git_commit": "abc", "hostname": "h", "cpu_model": "c", "cpu_count": 2, **extra}
 

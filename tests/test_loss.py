@@ -16,6 +16,7 @@ from bench.loss.collect import collect_lora_da, collect_lora_sb  # noqa: E402
 from bench.loss.data import file_corpus, make_blocks  # noqa: E402
 from bench.loss.model import TARGETS, tiny_llama_source  # noqa: E402
 from bench.loss.run import LossConfig, run_loss  # noqa: E402
+from bench.schema import SCHEMA_VERSION  # noqa: E402
 
 TEXT = " ".join(f"line {i}: the quick brown fox {i % 7} jumps over {i % 11} lazy dogs." for i in range(400))
 
@@ -53,6 +54,7 @@ def test_rows_have_steps_eval_and_summary(tmp_path, corpus_file):
     assert summary["noise_zeros"]["step0_shift_norm"] == 0.0
     assert summary["loram_dst"]["step0_delta_rel_norm"] > 0.1  # s·√Q with s = 16/8
     assert summary["loram_dst"]["data_sha256"] and (tmp_path / "loss.csv").is_file()
+    assert {r["schema_version"] for r in rows} == {SCHEMA_VERSION}
     # a rerun with the same configuration skips what is done
     again = run_loss(_config(corpus_file), tmp_path, progress=False, source=tiny_llama_source())
     assert len(again) == len(rows)
@@ -184,3 +186,25 @@ def test_cli_loss_saves_loadable_adapters(tmp_path, corpus_file):
     base.load_state_dict(residual, strict=False)
     model = PeftModel.from_pretrained(base, folder)
     assert rows and any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_a_loss_file_cut_mid_write_reruns_that_run_without_duplicates(tmp_path, corpus_file):
+    from reports.tables import load_results
+
+    config = _config(corpus_file)
+    run_loss(config, tmp_path, progress=False, source=tiny_llama_source())
+    path = tmp_path / "loss.jsonl"
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rstrip(b"\n").rfind(b"\n") + 1 + 25])  # loram_dst's summary cut off
+    run_loss(config, tmp_path, progress=False, source=tiny_llama_source())
+    loaded = load_results(tmp_path)
+    assert sorted(loaded.loss_summary["initializer"]) == ["loram_dst", "noise_zeros"]
+    steps = loaded.loss.groupby("initializer")["step"].apply(list).to_dict()
+    assert steps == {"loram_dst": [1, 2, 3, 4], "noise_zeros": [1, 2, 3, 4]}  # nothing lost, nothing doubled
+    assert "cut off" in (tmp_path / "loss.rejected.jsonl").read_text()
+
+
+def test_a_rank_above_the_model_fails_before_any_training(tmp_path, corpus_file):
+    with pytest.raises(ValueError, match="--rank 5000 exceeds the smallest target layer side"):
+        run_loss(_config(corpus_file, rank=5000), tmp_path, progress=False, source=tiny_llama_source())
+    assert not (tmp_path / "loss.jsonl").exists()

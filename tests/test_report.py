@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from bench.catalog import write_catalog
 from bench.results import append_row
 from reports.html import build_report
 
@@ -16,8 +17,9 @@ SHAPES = [(192, 576), (576, 576), (1536, 576), (4096, 4096)]
 
 
 def _results(folder):
-    """A results folder like a real run's: init rows (one skipped), loss rows, history."""
+    """A results folder like a real run's: init rows (one skipped), loss rows, history, shape catalog."""
     folder.mkdir(parents=True, exist_ok=True)
+    write_catalog(folder, [])  # the built-in presets, as every run writes them
     env = {"git_commit": "abc123", "hostname": "h", "cpu_model": "cpu", "cpu_count": 2, "torch_version": "2.13.0",
            "run_id": "r1", "timestamp": "2026-11-23T05:00:00"}
     for name, scale, power in [("pissa", 1e-10, 1.0), ("loram_dst", 2e-9, 1.0), ("noise_zeros", 1e-9, 0.5)]:

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from bench import results
+from bench.launchers import ForkServerLauncher, SpawnLauncher
 from bench.runner import Runner, run_interleaved
 from bench.tasks import Task
 
@@ -155,3 +156,13 @@ def test_slow_cells_stop_adding_processes(tmp_path):
     task = Task("noise_zeros", 16, 16, 4, processes=3, value_budget_s=0.0, options={"log": str(log)})
     (row,) = Runner(tmp_path / "r.jsonl", worker_fn=_counting, progress=False).run([task])
     assert log.read_text().split() == ["16"] and row["processes"] == 1
+
+
+@pytest.mark.parametrize("launcher", [ForkServerLauncher(), SpawnLauncher()], ids=["forkserver", "spawn"])
+def test_launchers_share_one_interface(launcher):
+    task = Task("loram_dst", 64, 32, 4, values=2, threads=1)
+    outcome = launcher.launch(task, 60.0)
+    assert outcome.status == "ok" and outcome.reason == ""
+    run = outcome.run
+    assert run.task_key == task.key and len(run.values_s) == 2 and run.first_s > 0
+    assert run.environment["torch_threads"] == 1 and run.environment["loram_ref_path"].endswith("loram_ref")

@@ -24,7 +24,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import loram_ref
-from loram_ref import Statistics
 
 
 class LeftMultiply(nn.Module):
@@ -72,7 +71,7 @@ def apply_initializer(
         weight = base.weight
         rank, scaling = layer.r[adapter], layer.scaling[adapter]
         kwargs = dict(options)
-        if spec.statistics is not Statistics.NONE:
+        if spec.needs_statistics:
             if stats is None or layer_name not in stats:
                 raise ValueError(f"{name} needs layer statistics; none collected for {layer_name}")
             kwargs["stats"] = stats[layer_name]

@@ -107,6 +107,10 @@ def local_source(path: Path) -> ModelSource:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--model-path {path} is not a Hugging Face model folder (no config.json)")
+    weights = [p for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf") for p in path.glob(pattern)]
+    if not weights:
+        raise FileNotFoundError(f"--model-path {path} holds no weights (*.safetensors, *.bin); loram-bench never "
+                                "downloads them: point it at a folder with the model's files")
 
     def loader():
         from transformers import AutoModelForCausalLM, AutoTokenizer

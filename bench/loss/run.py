@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ import torch
 from tqdm import tqdm
 
 import loram_ref
-from loram_ref import LoraSBStats, Statistics
+from loram_ref import CollectContext, StatisticsKind
 
 from ..environment import environment
-from ..results import append_row, export_kind, read_rows
+from ..results import append_rows, check_writable, export_kind, read_rows, repair
+from ..schema import SCHEMA_VERSION
+from ..suites import DEFAULT_LOSS_INITIALIZERS
 from .apply import apply_initializer, merge_lora_sb
-from .collect import collect_lora_da, collect_lora_sb
+from .collect import collect_statistics
 from .data import load_corpus, make_blocks
 from .model import TARGETS, ModelSource, local_source, quiet_transformers, smollm2_source
 from .train import eval_loss, train
@@ -35,7 +38,7 @@ from .train import eval_loss, train
 
 @dataclass
 class LossConfig:
-    initializers: list[str] = field(default_factory=lambda: ["noise_zeros", "pissa_rsvd", "loram_dst", "lora_sb"])
+    initializers: list[str] = field(default_factory=lambda: list(DEFAULT_LOSS_INITIALIZERS))
     steps: int = 40
     batch_size: int = 4
     seq_len: int = 64
@@ -64,6 +67,10 @@ class LossConfig:
         if not (self.lr > 0 and self.alpha > 0):
             raise ValueError("lr and alpha must be > 0")
 
+    def stats_samples(self, kind: StatisticsKind) -> int:
+        """How many training blocks the statistics pass of ``kind`` reads (``--sb-samples``, ``--da-samples``)."""
+        return {"lora_sb": self.sb_samples, "lora_da": self.da_samples}.get(kind.name, kind.default_samples)
+
     def key(self, model_name: str, data_sha: str) -> str:
         fields = {k: str(v) for k, v in asdict(self).items() if k not in ("initializers", "threads", "save_adapters")}
         blob = json.dumps({**fields, "model": model_name, "data": data_sha}, sort_keys=True)
@@ -71,18 +78,14 @@ class LossConfig:
 
 
 def _collect(name: str, model, blocks, config: LossConfig, targets: list[str], device: str):
+    """The initializer's statistics, by its statistics kind's collector (none for data-free ones)."""
     kind = loram_ref.get_initializer(name).statistics
-    if kind is Statistics.LORA_SB:
-        ids = blocks.train[blocks.order[: config.sb_samples]].to(device)
-        batches = [ids[i : i + config.batch_size] for i in range(0, len(ids), config.batch_size)]
-        # η_eff by the repo's formula (spec §3 resolution b, a documented quirk): the lr
-        # over warm-up ratio times the number of batches of one epoch of the train set.
-        eta = LoraSBStats.eta_from_repo(config.lr, config.sb_warmup_ratio, math.ceil(len(blocks.train) / config.batch_size))
-        return collect_lora_sb(model, batches, targets, eta=eta)
-    if kind is Statistics.LORA_DA:
-        ids = blocks.train[blocks.order[: config.da_samples]].to(device)
-        return collect_lora_da(model, ids, targets, num_train=len(blocks.train))
-    return None
+    if not kind.needed:
+        return None
+    ids = blocks.train[blocks.order[: config.stats_samples(kind)]].to(device)
+    ctx = CollectContext(batch_size=config.batch_size, lr=config.lr, num_train=len(blocks.train),
+                         warmup_ratio=config.sb_warmup_ratio)
+    return collect_statistics(kind, model, ids, targets, ctx)
 
 
 def run_loss(config: LossConfig, out: Path, *, progress: bool = True, source: ModelSource | None = None) -> list[dict[str, Any]]:
@@ -97,6 +100,10 @@ def run_loss(config: LossConfig, out: Path, *, progress: bool = True, source: Mo
     source = source or (local_source(config.model_path) if config.model_path else smollm2_source())
     corpus = load_corpus(config.data)
     base, tokenizer = source.load(dtype, config.device)
+    smallest = min((min(m.in_features, m.out_features) for n, m in base.named_modules()
+                    if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS), default=0)
+    if config.rank > smallest:
+        raise ValueError(f"--rank {config.rank} exceeds the smallest target layer side of {source.name} ({smallest})")
     ids = tokenizer(corpus.text)["input_ids"]
     blocks = make_blocks(ids, config.seq_len, config.seed)
     targets = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)} & set(TARGETS))
@@ -106,6 +113,8 @@ def run_loss(config: LossConfig, out: Path, *, progress: bool = True, source: Mo
     del base
 
     path = out / "loss.jsonl"
+    check_writable(path)
+    repair(path)
     rows = read_rows(path)
     key = config.key(source.name, corpus.sha256)
     done = {r["initializer"] for r in rows if r.get("kind") == "loss_summary" and r.get("config_key") == key}
@@ -141,8 +150,7 @@ def run_loss(config: LossConfig, out: Path, *, progress: bool = True, source: Mo
         if config.save_adapters is not None:
             _save(model, config.save_adapters / name)
         run_rows = _rows(name, meta, curve, layers, init_seconds, collected, model)
-        for row in run_rows:
-            append_row(path, row)
+        append_rows(path, run_rows)  # one write: a run's steps and summary land together
         rows.extend(run_rows)
         del model
     export_kind(rows, out, "loss")
@@ -164,7 +172,9 @@ def _save(model, folder: Path) -> None:
 
 def _rows(name, meta, curve, layers, init_seconds, collected, model) -> list[dict[str, Any]]:
     env = environment()
-    common = {"initializer": name, **meta}
+    # run_uid ties a run's step rows to its summary: readers keep steps only of runs whose
+    # summary was written, so a run cut off mid-write is measured again, never doubled
+    common = {"schema_version": SCHEMA_VERSION, "initializer": name, "run_uid": uuid.uuid4().hex[:12], **meta}
     steps = [
         {"kind": "loss", **common, "step": i + 1, "train_loss": curve.train_loss[i], "eval_loss": curve.eval_loss[i],
          "update_norm": curve.update_norm[i], "step_s": curve.step_seconds[i]}

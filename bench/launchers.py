@@ -1,0 +1,265 @@
+"""Launchers: run one task in a fresh worker process under a time limit.
+
+One interface (asv's launchers behind ``asv/runner.py``): :meth:`Launcher.launch` takes a
+task and a limit and returns an :class:`Outcome`, a :class:`ProcessRun` or a failure
+with its reason. The runner schedules; launchers only start, watch and kill processes.
+
+* :class:`ForkServerLauncher` (CPU, Linux): the worker is forked from a fork server, a
+  clean process that has imported torch and run no kernel (saves ~2 s of imports per
+  measurement; the child's first call is still cold; forking the manager instead could
+  deadlock a child in an OpenMP pool the manager had started).
+* :class:`SpawnLauncher` (CUDA, which cannot survive a fork, or anywhere): a fresh
+  ``python -m bench.worker`` with the task as JSON on stdin.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from .schema import CRASHED, FAILED, OK, OOM, TIMEOUT, ProcessRun
+from .tasks import Task
+from .worker import RESULT_PREFIX, apply_memory_limit, failure_message, run_task
+
+#: glibc raises its mmap threshold after freeing a large block, after which freed memory
+#: stays in RSS and a later region's peak hides inside it. A fixed threshold keeps every
+#: large tensor mmapped, so RSS (and VmHWM) follow what is live. A passive OpenMP wait
+#: policy keeps idle threads from spinning on the other cores.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@dataclass
+class Outcome:
+    """What a launch produced: ``run`` when ``status`` is ok, else the ``reason`` (and the
+    worker's ``phase`` where it reported one)."""
+
+    status: str
+    run: ProcessRun | None = None
+    reason: str = ""
+    phase: str = ""
+
+
+def _from_message(message: dict[str, Any]) -> Outcome:
+    if message.get("status") in (FAILED, OOM):
+        return Outcome(message["status"], reason=message.get("reason", ""), phase=message.get("phase", ""))
+    return Outcome(OK, ProcessRun.from_dict(message))
+
+
+#: The longest single wait the OS accepts comfortably (a larger --limit waits this long).
+MAX_WAIT_S = 1e6
+
+
+def _receive(conn) -> dict[str, Any] | None:
+    try:
+        return conn.recv()
+    except (EOFError, OSError):  # the child died without sending (or mid-message)
+        return None
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``), so a
+    killed manager leaves no worker behind; exit at once if the parent is already gone."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+class Launcher(Protocol):
+    name: str
+
+    def launch(self, task: Task, limit_s: float, memory_limit_bytes: int | None = None) -> Outcome:
+        """Run ``task`` in a fresh process; kill it after ``limit_s`` seconds; cap its
+        extra memory at ``memory_limit_bytes``. A result that arrives is never dropped."""
+
+
+def _limit_text(limit_s: float) -> str:
+    return f"{limit_s:.3g} s"
+
+
+def exit_cause(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by signal {-code}" + (" (out of memory?)" if code == -9 else "")
+    return f"exit code {code}"
+
+
+@dataclass
+class ForkServerLauncher:
+    """Fork each worker from a fork server that preloaded torch (CPU only)."""
+
+    #: what the forked worker runs (a module-level function: it is pickled to the fork
+    #: server); tests substitute one that crashes or hangs
+    worker_fn: Callable[[Task], dict[str, Any]] = run_task
+    name: str = "forkserver"
+
+    def launch(self, task: Task, limit_s: float, memory_limit_bytes: int | None = None) -> Outcome:
+        from multiprocessing.connection import wait
+
+        ctx = _fork_server()
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_fork_entry, args=(self.worker_fn, task, send, memory_limit_bytes), daemon=True)
+        proc.start()
+        send.close()
+        message = None
+        try:
+            ready = wait([receive, proc.sentinel], timeout=min(limit_s, MAX_WAIT_S))
+            if receive in ready or receive.poll(0):
+                message = _receive(receive)
+            proc.join(timeout=5 if message is not None else (0.5 if ready else 0))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+                if message is None and receive.poll(0):  # it finished as the limit ran out: keep it
+                    message = _receive(receive)
+                if message is None:
+                    return Outcome(TIMEOUT, reason=f"worker exceeded the {_limit_text(limit_s)} limit and was killed")
+        except BaseException:  # Ctrl-C or an error in the manager: the worker must not outlive it
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            raise
+        finally:
+            receive.close()
+        if message is None:
+            return Outcome(CRASHED, reason=exit_cause(proc.exitcode))
+        return _from_message(message)
+
+
+@dataclass
+class SpawnLauncher:
+    """Spawn ``worker_cmd`` (``python -m bench.worker`` by default) per task."""
+
+    worker_cmd: list[str] = field(default_factory=lambda: [sys.executable, "-m", "bench.worker"])
+    name: str = "spawn"
+
+    def launch(self, task: Task, limit_s: float, memory_limit_bytes: int | None = None) -> Outcome:
+        from .worker import MEMORY_LIMIT_ENV
+
+        env = {**os.environ, **WORKER_ENV, MEMORY_LIMIT_ENV: str(int(memory_limit_bytes or 0))}
+        with subprocess.Popen(self.worker_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env, preexec_fn=die_with_parent) as proc:
+            try:
+                stdout, stderr = proc.communicate(json.dumps(task.to_dict()), timeout=min(limit_s, MAX_WAIT_S))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+                result = _result_line(stdout)
+                if result is None:
+                    return Outcome(TIMEOUT, reason=f"worker exceeded the {_limit_text(limit_s)} limit and was killed")
+                return _from_message(result)  # it finished as the limit ran out: keep it
+            except BaseException:  # Ctrl-C or an error in the manager: the worker must not outlive it
+                proc.kill()
+                raise
+        result = _result_line(stdout)
+        if result is None:
+            tail = " | ".join(stderr.strip().splitlines()[-3:])
+            return Outcome(CRASHED if proc.returncode != 0 else FAILED, reason=f"{exit_cause(proc.returncode)}: {tail}")
+        return _from_message(result)
+
+
+def _result_line(stdout: str | None) -> dict[str, Any] | None:
+    return next((json.loads(line[len(RESULT_PREFIX):]) for line in (stdout or "").splitlines()
+                 if line.startswith(RESULT_PREFIX)), None)
+
+
+def fork_available() -> bool:
+    return "forkserver" in multiprocessing.get_all_start_methods()
+
+
+_FORK_SERVER = None
+
+
+def _fork_server():
+    """The forkserver context, its server preloading torch and the worker module.
+
+    The server is started here, with :data:`WORKER_ENV` in its environment: the OpenMP
+    runtime reads its settings when torch is loaded, in the server, before any fork.
+    """
+    global _FORK_SERVER
+    if _FORK_SERVER is None:
+        from multiprocessing import forkserver
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "loram_ref", "bench.worker"])
+        saved = {k: os.environ.get(k) for k in WORKER_ENV}
+        os.environ.update(WORKER_ENV)
+        try:
+            forkserver.ensure_running()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        _FORK_SERVER = ctx
+    return _FORK_SERVER
+
+
+def _fixed_mmap_threshold() -> None:
+    """``mallopt(M_MMAP_THRESHOLD, 64 KiB)`` in the forked worker, as ``MALLOC_MMAP_THRESHOLD_``
+    does at start-up (a no-op where the server already had it, kept for other launchers)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD = -3 (glibc)
+    except (OSError, AttributeError):
+        pass
+
+
+def _exit_with_manager(send) -> None:
+    """End this forked worker the moment its manager is gone.
+
+    The worker's parent is the fork server, not the manager, so ``PR_SET_PDEATHSIG`` would
+    watch the wrong process (and the server itself waits for its children). Instead a
+    daemon thread polls the write end of the result pipe: the kernel reports ``POLLERR``
+    on it once every read end is closed, which happens when the manager dies, however it
+    dies. The worker also drops its copy of the fork server's liveness pipe, so the
+    server sees the manager's death and exits too.
+    """
+    import select
+    import threading
+
+    try:
+        from multiprocessing import forkserver
+
+        fd = forkserver._forkserver._forkserver_alive_fd
+        if fd is not None:
+            os.close(fd)
+            forkserver._forkserver._forkserver_alive_fd = None
+    except (AttributeError, OSError):
+        pass
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(send.fileno(), select.POLLERR)
+        while True:
+            if poller.poll():
+                os._exit(70)  # the manager is gone: nobody will read the result
+
+    threading.Thread(target=watch, name="manager-watch", daemon=True).start()
+
+
+def _fork_entry(fn: Callable[[Task], dict[str, Any]], task: Task, send, memory_limit_bytes: int | None = None) -> None:
+    """Child side of a forked worker: run, send one message, exit without cleanup."""
+    import traceback
+
+    _exit_with_manager(send)
+    _fixed_mmap_threshold()
+    try:
+        apply_memory_limit(memory_limit_bytes)
+        message = fn(task)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a recorded row
+        message = failure_message(exc, traceback.format_exc().strip().splitlines()[-3:])
+    send.send(message)
+    send.close()
+    os._exit(0)
