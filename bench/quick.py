@@ -23,6 +23,26 @@ from .history import append_history
 from .results import export_kind
 from .runner import Runner, run_interleaved
 from .suites import DEFAULT_LOSS_INITIALIZERS, QUICK_LIMIT_S, QUICK_PRESETS, QUICK_TEMPLATE, init_tasks
+from .tasks import Task
+
+
+def measure_init(tasks: list[Task], out: Path, baseline: Path | None = None, *, sources: list[str],
+                 progress: bool = True, limit_s: float = QUICK_LIMIT_S, **runner_options) -> int:
+    """Measure ``tasks`` into ``out`` (and, interleaved, into ``baseline``), export both
+    folders' tables and append ``out``'s new rows to its history. Returns the rows added."""
+    write_catalog(out, sources)
+    runner = Runner(out / "init.jsonl", limit_s=limit_s, progress=progress, **runner_options)
+    if baseline is None:
+        rows = runner.run(tasks)
+    else:
+        write_catalog(Path(baseline), sources)
+        base_runner = Runner(Path(baseline) / "init.jsonl", limit_s=limit_s, progress=progress, **runner_options)
+        base_rows, rows = run_interleaved(base_runner, runner, tasks)
+        export_kind(base_rows, Path(baseline), "init")
+    export_kind(rows, out, "init")
+    added = append_history([r for r in rows if r.get("run_id") == runner.run_id], out / "history.jsonl")
+    print(f"history: {added} rows appended to {out / 'history.jsonl'}", flush=True)
+    return added
 
 
 def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, baseline: Path | None = None) -> None:
@@ -31,18 +51,7 @@ def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, base
     started = time.perf_counter()
     threads = min(2, torch.get_num_threads())
     tasks = init_tasks(QUICK_PRESETS, rank=QUICK_TEMPLATE.rank, threads=threads, template=QUICK_TEMPLATE)
-    write_catalog(out, QUICK_PRESETS)
-    runner = Runner(out / "init.jsonl", limit_s=QUICK_LIMIT_S, progress=progress)
-    if baseline is None:
-        rows = runner.run(tasks)
-    else:
-        write_catalog(Path(baseline), QUICK_PRESETS)
-        base_runner = Runner(Path(baseline) / "init.jsonl", limit_s=QUICK_LIMIT_S, progress=progress)
-        base_rows, rows = run_interleaved(base_runner, runner, tasks)
-        export_kind(base_rows, Path(baseline), "init")
-    export_kind(rows, out, "init")
-    added = append_history([r for r in rows if r.get("run_id") == runner.run_id], out / "history.jsonl")
-    print(f"history: {added} rows appended to {out / 'history.jsonl'}", flush=True)
+    measure_init(tasks, out, baseline, sources=QUICK_PRESETS, progress=progress)
     print(f"init cost: {len(tasks)} measurements in {time.perf_counter() - started:.0f} s", flush=True)
     if not skip_loss:
         from .loss.run import LossConfig, run_loss

@@ -165,7 +165,7 @@ def render_sections(data: ResultSet, comparison: pd.DataFrame | None,
                              'predicted time in these results.</p>'))
         sections.append(("memory", "Peak memory", _figure(figures.memory(table))))
         if not laws.empty:
-            shown = laws.assign(exponent=laws["exponent"].round(3), r2=laws["r2"].round(4))
+            shown = laws.drop(columns=["family"]).assign(exponent=laws["exponent"].round(3), r2=laws["r2"].round(4))
             sections.append(("laws", "Fitted cost laws t = c·x^k",
                              '<p class="note">least squares in log-log space over the three largest measured sizes; x is '
                              'each algorithm\'s size variable (m·n·min(m,n) for a full SVD, n²(m+n) for LoRA-DA, m·n '

@@ -258,3 +258,18 @@ def test_a_failing_diagnostic_keeps_the_timings(tmp_path, monkeypatch):
     monkeypatch.setattr(worker, "_invariant_error", boom)
     run = worker.run_task(Task("loram_dst", 64, 32, 4, values=2, threads=1))
     assert len(run["values_s"]) == 2 and run["diagnostics_error"].startswith("out of memory")
+
+
+def test_a_baseline_pair_keeps_each_folders_tables_and_history(tmp_path):
+    from bench.quick import measure_init
+
+    tasks = [Task("noise_zeros", d, 16, 4) for d in (16, 32)]
+    out, base = tmp_path / "new", tmp_path / "base"
+    added = measure_init(tasks, out, base, sources=[], progress=False, worker_fn=_ok)
+    assert added == 2  # the new folder's own rows went to its history
+    for folder in (out, base):
+        run_ids = {r["run_id"] for r in read_rows(folder / "init.jsonl")}
+        table = json.loads((folder / "init.json").read_text())
+        assert {r["run_id"] for r in table} == run_ids  # each folder's table holds its own rows
+    history = read_rows(out / "history.jsonl")
+    assert {r["run_id"] for r in history} == {r["run_id"] for r in read_rows(out / "init.jsonl")}
