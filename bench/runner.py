@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -116,7 +116,9 @@ class Runner:
         started = time.perf_counter()
         runs = []
         while len(runs) < max(1, task.processes):
-            outcome = launcher.launch(task, self.limit_s, self.memory_limit_bytes)
+            # the fidelity diagnostic is deterministic: the first process computes it
+            attempt = task if not runs else replace(task, fidelity_max_elements=0)
+            outcome = launcher.launch(attempt, self.limit_s, self.memory_limit_bytes)
             if outcome.status != OK:
                 return Measurement(task, outcome.status, reason=outcome.reason[:1000], predicted_s=predicted,
                                    phase=outcome.phase)

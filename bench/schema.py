@@ -61,6 +61,8 @@ class ProcessRun:
     init_info: str = "{}"
     #: the harness's step-0 diagnostics could not be computed (the timings still stand)
     diagnostics_error: str = ""
+    #: the initializer's fidelity diagnostic (``loram_ref.fidelity``), first process only
+    fidelity: dict[str, float] = field(default_factory=dict)
     worker_wall_s: float | None = None
     environment: dict[str, Any] = field(default_factory=dict)
 
@@ -140,6 +142,7 @@ class Measurement:
             "weight_bytes": self.task.d_out * self.task.d_in * _itemsize(self.task.dtype),
             **(self.stats() if self.runs else {}),
             "init_info": _distinct([r.init_info for r in self.runs]) if self.runs else "",
+            **{f"fidelity_{k}": v for r in self.runs[:1] for k, v in r.fidelity.items()},
             "torch_threads": worker_env.get("torch_threads"),
             "cpu_peak_method": worker_env.get("cpu_peak_method", ""),
             "runs": [asdict(r) for r in self.runs],

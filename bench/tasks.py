@@ -38,6 +38,9 @@ class Task:
     value_budget_s: float = 10.0
     processes: int = 1
     options: dict[str, Any] = field(default_factory=dict)
+    #: run the initializer's fidelity diagnostic (``InitializerSpec.fidelity``) on cells up
+    #: to this many elements (0: never); the runner asks only the first process of a cell
+    fidelity_max_elements: int = 4096 * 4096
 
     @property
     def key(self) -> str:

@@ -184,8 +184,11 @@ def run_task(task: Task) -> dict[str, Any]:
     diagnostics: dict[str, Any] = {}
     try:
         diagnostics = _invariant_error(init, pristine)
+        if spec.fidelity is not None and 0 < task.d_out * task.d_in <= task.fidelity_max_elements:
+            diagnostics["fidelity"] = spec.fidelity(pristine, task.rank, init, kwargs)
     except Exception as exc:  # noqa: BLE001 - the harness's check must not cost the measurement
-        diagnostics = {"diagnostics_error": ("out of memory: " if is_out_of_memory(exc) else "")
+        diagnostics = {**{k: v for k, v in diagnostics.items() if k != "fidelity"},
+                       "diagnostics_error": ("out of memory: " if is_out_of_memory(exc) else "")
                        + f"{type(exc).__name__}: {str(exc)[:300]}"}
     info = {k: v for k, v in init.info.items() if isinstance(v, (int, float, str, bool))}
     run = ProcessRun(

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 
 def dst_basis(dim: int, rank: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """First ``rank`` columns of the orthonormal DST-I of size ``dim`` (a fresh tensor; see :func:`_dst_basis`)."""
+    return _dst_basis(dim, rank, dtype, str(torch.device(device))).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _dst_basis(dim: int, rank: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     """First ``rank`` columns of the orthonormal DST-I matrix of size ``dim`` (spec §5).
 
     ``S_d[i, j] = √(2/(d+1)) · sin(π(i+1)(j+1)/(d+1))`` for ``0 <= i < d``, ``0 <= j < r``:
@@ -17,6 +24,9 @@ def dst_basis(dim: int, rank: int, *, dtype: torch.dtype = torch.float32, device
     The phase ``(i+1)(j+1)`` is reduced modulo ``2(d+1)`` in int64 before it is scaled by
     ``π/(d+1)``, so the sine argument stays in ``[0, 2π)`` and is evaluated in float64
     without the precision loss a large argument would cause at d = 28672.
+
+    Cached per (dim, rank, dtype, device): a model repeats a few shapes over all its
+    layers (80 at 70B), and the sines are the same each time (O(d·r) memory per entry).
     """
     i = torch.arange(1, dim + 1, dtype=torch.int64, device=device)
     j = torch.arange(1, rank + 1, dtype=torch.int64, device=device)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .fidelity import lora_da_fidelity
 from .linalg import randomized_svd
 from .registry import INPUT_SPACE, Invariant, Statistics, register
 from .result import LoraInit
@@ -48,8 +49,31 @@ def smallest_eigenvectors(
     return vecs.mul_(signs), info
 
 
+def stable_seed(*parts: object) -> int:
+    """The official code's per-module seed: blake2b (8-byte digest) of the parts' ``str``
+    joined by ``::``, little endian, modulo 2⁶³−1. Shapes are written as ``torch.Size``."""
+    import hashlib
+
+    text = "::".join(str(torch.Size(p)) if isinstance(p, tuple) else str(p) for p in parts)
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**63 - 1)
+
+
+def eigen_residual(omega: torch.Tensor, q: torch.Tensor) -> float:
+    """``max_j ‖Ω·q_j − (q_jᵀΩq_j)·q_j‖ / ‖Ω‖_F``: 0 for exact eigenvectors, O(n²·r)."""
+    oq = omega @ q
+    rayleigh = (q * oq).sum(0)
+    res = (oq - q * rayleigh[None, :]).norm(dim=0).max()
+    scale = torch.linalg.matrix_norm(omega)
+    return float(res / scale) if float(scale) > 0 else 0.0
+
+
 #: Damping escalation when fp32 Cholesky of ``sym(Z) + λI`` fails: λ x 10 per retry.
 DAMPING_RETRIES = 8
+
+
+#: A shift λ beyond this fraction of Z's mean diagonal means Z is not positive semi-definite.
+MAX_RELATIVE_DAMPING = 1e-2
 
 
 def _damped_cholesky(z: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
@@ -60,6 +84,11 @@ def _damped_cholesky(z: torch.Tensor, damping: float) -> tuple[torch.Tensor, flo
     deficient and fp32 Cholesky of ``Z + 1e-6·I`` can fail; escalating λ, as CorDA does
     for its covariance, keeps the method defined, and the λ used is recorded.
     """
+    diag = z.diagonal()
+    if bool((diag < 0).any()):
+        raise ValueError("stats.input_factor is not positive definite: it has negative diagonal entries; it must be "
+                         "the second moment (1/T)·Σ x·xᵀ of the layer's inputs")
+    scale = float(diag.mean())
     lam = 0.0
     for attempt in range(DAMPING_RETRIES + 1):
         step = damping * 10**attempt
@@ -67,6 +96,10 @@ def _damped_cholesky(z: torch.Tensor, damping: float) -> tuple[torch.Tensor, flo
         lam = step
         chol, status = torch.linalg.cholesky_ex(z)
         if int(status) == 0:
+            if lam > max(damping, MAX_RELATIVE_DAMPING * scale):
+                raise ValueError(f"stats.input_factor is not positive definite: Cholesky needed a shift λ = {lam:g}, "
+                                 f"more than {MAX_RELATIVE_DAMPING:g} of its mean diagonal {scale:g}; it must be the second "
+                                 "moment (1/T)·Σ x·xᵀ of the layer's inputs")
             return chol, lam
     raise ValueError(
         f"stats.input_factor is not positive definite even with damping {lam:g}: collect more tokens or pass a larger damping"
@@ -75,6 +108,7 @@ def _damped_cholesky(z: torch.Tensor, damping: float) -> tuple[torch.Tensor, flo
 
 @register(
     "lora_da",
+    fidelity=lora_da_fidelity,
     invariant=Invariant.SHIFTED,
     statistics=Statistics.LORA_DA,
     cost=INPUT_SPACE,
@@ -97,6 +131,8 @@ def lora_da(
     normalize_delta: bool = True,
     generator: torch.Generator | None = None,
     seed: int = 0,
+    official_seed: int | None = None,
+    module: str = "",
     check_input: bool = True,
 ) -> LoraInit:
     """LoRA-DA as the official code implements it (spec §4 "Algorithm as implemented").
@@ -123,7 +159,21 @@ def lora_da(
     Args:
         stats: mean gradient, input and output factors and N, see
             :class:`loram_ref.stats.LoraDAStats`.
-        solver: ``"lobpcg"`` (faithful; falls back to ``"eigh"`` when n < 3r) or ``"eigh"``.
+        solver: ``"lobpcg"`` (faithful; falls back to ``"eigh"`` when n < 3r) or ``"eigh"``,
+            the converged mode: the exact smallest-r eigenvectors. At the code's 10
+            iterations LOBPCG does not converge on realistic statistics (17-84° from the
+            exact subspace, in both codes): its random start decides the subspace.
+            ``info["eig_residual"]`` records ``max_j ‖Ω·q_j − λ_j·q_j‖ / ‖Ω‖_F`` (0 when
+            converged); the harness adds the largest principal angle to ``eigh``'s
+            subspace where n <= 4096 (:func:`lora_da_fidelity`).
+        official_seed: reproduce the official code's seeds (``conf/lora_da.yaml``
+            ``deterministic_seed``, 9 there): σ₁'s test vector and LOBPCG's start are then
+            drawn from generators seeded per module by the code's stable hash of
+            (purpose, shape, q or r, niter, deterministic_seed, ``module``, ...), as
+            ``_stable_seed`` defines it (blake2b, 8 bytes, little endian, mod 2⁶³−1).
+            ``None`` (default): one local generator seeded with ``seed``.
+        module: the module's name in the base model (e.g. ``model.layers.0.self_attn.q_proj``),
+            part of the official per-module seed.
     """
     scaling = check_inputs(weight, rank, scaling, check_input=check_input)
     if not isinstance(stats, LoraDAStats):
@@ -136,6 +186,12 @@ def lora_da(
     lobpcg_niter = check_positive_int(lobpcg_niter, "lobpcg_niter")
     delta_svd_niter = check_positive_int(delta_svd_niter, "delta_svd_niter", minimum=0)
     gen = resolve_generator(generator, weight.device, seed)
+    eig_gen = gen
+    if official_seed is not None:  # the official per-module seeds (zqy0126/LoRA-DA, deterministic_seed)
+        gen = torch.Generator(device=weight.device).manual_seed(
+            stable_seed("lora_da_svd_lowrank", (n, m), 1, delta_svd_niter, official_seed, module, "delta"))
+        eig_gen = torch.Generator(device=weight.device).manual_seed(
+            stable_seed("lora_da_lobpcg", (n, n), rank, False, lobpcg_niter, official_seed, module, beta_var))
     f32 = dict(dtype=torch.float32, device=weight.device)
 
     chol, damping_used = _damped_cholesky(_sym(stats.input_factor.to(**f32)), damping)  # Z_λ = sym(Z) + λI
@@ -154,7 +210,8 @@ def lora_da(
     del chol
     omega.addmm_(delta_t, delta_t.mT, alpha=-alpha_bias)
     omega = _sym(omega)
-    q, info = smallest_eigenvectors(omega, rank, solver=solver, niter=lobpcg_niter, generator=gen)  # step 6
+    q, info = smallest_eigenvectors(omega, rank, solver=solver, niter=lobpcg_niter, generator=eig_gen)  # step 6
+    info["eig_residual"] = eigen_residual(omega, q)  # how far from converged: 0 for exact eigenvectors
     del omega
     inv_root_gamma = 1.0 / math.sqrt(gamma)
     a = q.mT.mul(inv_root_gamma).contiguous()  # step 7: A = Qᵀ/√γ

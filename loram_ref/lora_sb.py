@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .fidelity import lora_sb_fidelity
 from .linalg import randomized_svd
 from .registry import Invariant, Statistics, register
 from .result import LoraInit
@@ -13,6 +14,7 @@ from .validation import check_inputs, check_positive_int, resolve_generator
 
 @register(
     "lora_sb",
+    fidelity=lora_sb_fidelity,
     invariant=Invariant.SHIFTED,
     statistics=Statistics.LORA_SB,
     paper="Ponkshe, Singhal et al. 2024, LoRA-SB (arXiv 2411.19557); CERT-Lab/lora-sb",
@@ -28,6 +30,7 @@ def lora_sb(
     generator: torch.Generator | None = None,
     seed: int = 42,
     round_bf16: bool = True,
+    official_draw: bool = True,
     check_input: bool = True,
 ) -> LoraInit:
     """LoRA-SB (spec §3 "Initialization"): ``W_eff = W + s·B·R·A`` with A, B frozen.
@@ -38,9 +41,21 @@ def lora_sb(
        approximation of the update (Eckart-Young), up to the randomized SVD's accuracy.
     3. ``W`` is not modified (spec §3 step 8, resolution c): invariant (S).
 
+    What it reproduces: the official ``get_svd_grad`` (CERT-Lab/lora-sb,
+    ``utils/svd_utils.py``) seeds the global RNG with 42, draws one throw-away Gaussian
+    ``d_out x r`` matrix it never uses, and only then calls ``torch.svd_lowrank(ΔWᵀ, q=r,
+    niter=10)``, whose test matrix is therefore the *second* draw after seeding (spec §3
+    step 2, corrected). With ``official_draw=True`` (default) we make the same throw-away
+    draw from a local generator seeded with 42, on W's device, so A, B and R equal the
+    official ones for the same update (bit for bit on CPU in our tests). This matters: on
+    the flat spectra of sign updates 10 subspace iterations with q = r do not converge,
+    and a different test matrix gives a different subspace with the same captured energy
+    (the products differed by 85-127 % without the draw). ``official_draw=False`` skips
+    it (the first release's behaviour).
+
     Decisions:
         * The official code calls ``torch.manual_seed(42)`` per module; we draw from a
-          local generator seeded with 42 instead (resolution e): same stream, no side
+          local generator seeded with 42 instead (resolution e): the same stream, no side
           effect on the global RNG.
         * ``round_bf16=True`` replicates the code's rounding of P, σ, Q to bf16
           ("faithful" mode, resolution d); ``False`` keeps fp32 ("clean" mode).
@@ -58,6 +73,8 @@ def lora_sb(
     stats.validate(tuple(weight.shape))
     gen = resolve_generator(generator, weight.device, seed)
     update = stats.update.to(device=weight.device, dtype=torch.float32)
+    if official_draw:  # the official code's unused R = torch.randn(d_out, r) before svd_lowrank
+        torch.randn(weight.shape[0], rank, generator=gen, device=weight.device, dtype=torch.float32)
     p, sigma, q = randomized_svd(update.mT, rank, niter, gen)  # ΔWᵀ ≈ P diag(σ) Qᵀ
     b, a, r = q, p.mT, torch.diag(sigma / scaling)
     if round_bf16:
@@ -68,5 +85,6 @@ def lora_sb(
         B=b.to(weight.dtype).contiguous(),
         R=r.to(weight.dtype),
         scaling=scaling,
-        info={"niter": niter, "round_bf16": round_bf16, "sigma_1": float(sigma[0])},
+        info={"niter": niter, "round_bf16": round_bf16, "official_draw": official_draw, "sigma_1": float(sigma[0]),
+              "captured_energy": float(sigma.double().square().sum()) / max(float(update.double().square().sum()), 1e-300)},
     )

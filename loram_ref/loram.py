@@ -10,6 +10,7 @@ import torch
 from .bases import dst_basis, random_orthogonal_basis
 from .registry import Invariant, register
 from .result import LoraInit
+from .guard import check_residual
 from .validation import check_inputs, resolve_generator, squared_norm
 
 _PAPER = "Zhang et al. 2025, The Primacy of Magnitude in Low-Rank Adaptation (LoRAM, arXiv 2507.06558)"
@@ -27,6 +28,11 @@ def loram_gain(weight_sq_norm: float, shape: tuple[int, int], rank: int) -> tupl
     return gain, beta
 
 
+def _basis_dtype(weight: object) -> torch.dtype:
+    """Bases in float64 for a float64 W (so its factors keep float64 precision), else float32."""
+    return torch.float64 if isinstance(weight, torch.Tensor) and weight.dtype == torch.float64 else torch.float32
+
+
 def _loram(
     name: str,
     weight: torch.Tensor,
@@ -41,6 +47,9 @@ def _loram(
     m, n = weight.shape
     # pass 1 over W (also the NaN/Inf check), in blocks no larger than the factors
     sq_norm = squared_norm(weight, block_elements=max(rank * (m + n), 1 << 20))
+    if sq_norm == 0.0:
+        raise ValueError("weight is all zeros: LoRAM's amplitude β = (Q·‖W‖²/r)^¼ is 0, which gives a dead adapter "
+                         "(A = B = 0, both gradients vanish); use a noise-zeros initializer for a zero weight")
     gain, beta = loram_gain(sq_norm, (m, n), rank)
     a = basis(n).mT.mul_(beta).to(weight.dtype).contiguous()  # A = β·Φ_inᵀ   (r x d_in)
     b = basis(m).mul_(beta).to(weight.dtype)  # B = β·Φ_out   (d_out x r)
@@ -49,6 +58,7 @@ def _loram(
     # in-place GEMM from the factors as returned, so W_res + s·B·A reproduces W up to
     # one rounding of W_res in W's dtype.
     residual.addmm_(b, a, alpha=-scaling)
+    check_residual(residual, name)  # an fp16 W near its limit can overflow: an error, never a silent Inf
     return LoraInit(
         method=name,
         A=a,
@@ -80,13 +90,15 @@ def loram_dst(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, inplace:
         * Memory: ``‖W‖_F`` is accumulated over row blocks of ``max(r·(m+n), 2²⁰)``
           entries (a bf16 ``W`` is up-cast one block at a time, never whole) and the
           residual is one in-place ``addmm_``; with ``inplace=True`` the extra memory is
-          the O((m+n)·r) bases and factors plus that block. Three passes over ``W``:
-          one read for the norm, one read and one write for the residual. A NaN/Inf in
-          ``W`` is caught by the norm pass.
+          the O((m+n)·r) bases and factors plus that block. Passes over ``W``: one read
+          for the norm, one read and write for the residual (the rank-r GEMM), and one
+          read (a sum) that proves the residual finite. A NaN/Inf in ``W`` is caught by
+          the norm pass, an all-zero ``W`` is refused (β = 0), and an fp16 residual that
+          overflows is an error.
     """
     return _loram(
         "loram_dst", weight, rank, scaling, inplace,
-        lambda d: dst_basis(d, rank, device=weight.device),
+        lambda d: dst_basis(d, rank, dtype=_basis_dtype(weight), device=weight.device),
         {"basis": "dst-I"},
     )
 
@@ -116,6 +128,6 @@ def loram_rorth(
     gen = resolve_generator(generator, weight.device, seed) if isinstance(weight, torch.Tensor) else None
     return _loram(
         "loram_rorth", weight, rank, scaling, inplace,
-        lambda d: random_orthogonal_basis(d, rank, gen, device=weight.device),
+        lambda d: random_orthogonal_basis(d, rank, gen, dtype=_basis_dtype(weight), device=weight.device),
         {"basis": "random-orthogonal"},
     )

@@ -35,6 +35,7 @@ def _noise_zeros(
 @register(
     "noise_zeros",
     invariant=Invariant.ZERO_PRODUCT,
+    reads_weight=False,
     paper="Hu et al. 2021, LoRA (arXiv 2106.09685); PEFT init_lora_weights=True",
     summary="A ~ Kaiming-uniform(a=√5) = U(±1/√d_in), B = 0",
 )
@@ -45,7 +46,7 @@ def noise_zeros(
     *,
     generator: torch.Generator | None = None,
     seed: int = 0,
-    check_input: bool = True,
+    check_input: bool = False,
 ) -> LoraInit:
     """PEFT's default LoRA init (``init_lora_weights=True``), spec §1.
 
@@ -59,7 +60,9 @@ def noise_zeros(
         scaling: ``s``; recorded, it does not change the factors.
         generator: random source; ``None`` means a fresh generator seeded with ``seed``.
             Seeded like the global RNG, it reproduces PEFT's ``reset_lora_parameters``.
-        check_input: reject NaN/Inf in ``W`` (one pass over ``W``).
+        check_input: reject NaN/Inf in ``W`` (one pass over ``W``). Off by default: the
+            method never reads ``W``, so a scan would cost a pass over the largest tensor
+            for nothing (PEFT does not scan either).
     """
     return _noise_zeros(
         "noise_zeros", weight, rank, scaling, generator, seed, check_input,
@@ -70,6 +73,7 @@ def noise_zeros(
 @register(
     "gaussian",
     invariant=Invariant.ZERO_PRODUCT,
+    reads_weight=False,
     paper="Hu et al. 2021, LoRA (arXiv 2106.09685); PEFT init_lora_weights='gaussian'",
     summary="A ~ N(0, (1/r)²) (std 1/r, as PEFT), B = 0",
 )
@@ -80,7 +84,7 @@ def gaussian(
     *,
     generator: torch.Generator | None = None,
     seed: int = 0,
-    check_input: bool = True,
+    check_input: bool = False,
 ) -> LoraInit:
     """PEFT's ``init_lora_weights="gaussian"``, spec §1: ``A_ij ~ N(0, σ²)``, ``B = 0``.
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from .fidelity import pissa_rsvd_fidelity
 from .linalg import randomized_svd
 from .registry import FULL_SVD, Invariant, register
 from .result import LoraInit
+from .guard import check_residual
 from .validation import check_inputs, check_positive_int, resolve_generator
 
 _PAPER = "Meng, Wang & Zhang 2024, PiSSA (arXiv 2404.02948); PEFT pissa_init"
@@ -18,6 +20,8 @@ def _fp32_work_copy(weight: torch.Tensor, inplace: bool) -> torch.Tensor:
     A bf16/fp16 ``W`` is up-cast (the copy the algorithm needs, spec §2 step 1). An fp32
     ``W`` is cloned unless the caller allowed ``inplace``, so the function stays pure.
     """
+    if weight.dtype == torch.float64:  # a float64 W is decomposed in float64
+        return weight if inplace else weight.clone()
     if weight.dtype != torch.float32:
         return weight.to(torch.float32)
     return weight if inplace else weight.clone()
@@ -38,13 +42,15 @@ def _pissa_factors(
     root = torch.sqrt(s_r / scaling)  # step 3: σ'_r = σ_r / s; each factor carries √σ'
     a = vh_r.mul_(root[:, None])  # step 4: A = diag(√σ'_r)·V_rᵀ  (r x n)
     b = u_r.mul_(root[None, :])  # step 4: B = U_r·diag(√σ'_r)  (m x r)
-    work.addmm_(b, a, alpha=-scaling)  # step 5: W_res = W - s·B·A, in fp32, in place
-    if weight.dtype == torch.float32:
+    work.addmm_(b, a, alpha=-scaling)  # step 5: W_res = W - s·B·A, in fp32 (fp64), in place
+    if weight.dtype == work.dtype:
         residual = work
     elif inplace:
         residual = weight.copy_(work)  # cast back into W's own storage
     else:
         residual = work.to(weight.dtype)
+    if residual.dtype == torch.float16:
+        check_residual(residual, name)  # the cast back can overflow fp16: an error, never a silent Inf
     return LoraInit(
         method=name,
         A=a.to(weight.dtype),
@@ -97,6 +103,7 @@ def pissa(
 
 @register(
     "pissa_rsvd",
+    fidelity=pissa_rsvd_fidelity,
     invariant=Invariant.FUNCTION_PRESERVING,
     paper=_PAPER,
     summary="PiSSA on a randomized SVD (q = r, niter power iterations)",

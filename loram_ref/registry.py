@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
 
+from .guard import guard
 from .result import LoraInit
 from .statistics import NO_STATISTICS, Statistics, StatisticsKind
 
@@ -83,6 +84,11 @@ class InitializerSpec:
     paper: str
     summary: str
     label: str
+    #: whether the method reads W's values (noise-zeros ones use only its shape; they do not scan it)
+    reads_weight: bool = True
+    #: ``fidelity(weight, rank, init, kwargs) -> {name: value}``: how far an approximate
+    #: method is from the exact computation (``loram_ref.fidelity``); None for exact ones
+    fidelity: Callable[..., dict] | None = None
 
     @property
     def needs_statistics(self) -> bool:
@@ -101,23 +107,28 @@ def register(
     statistics: StatisticsKind = NO_STATISTICS,
     cost: CostClass = PASSES,
     label: str | None = None,
+    reads_weight: bool = True,
+    fidelity: Callable[..., dict] | None = None,
 ) -> Callable[[Callable[..., LoraInit]], Callable[..., LoraInit]]:
     """Add the decorated function to ``INITIALIZERS`` under ``name``."""
 
     def decorate(fn: Callable[..., LoraInit]) -> Callable[..., LoraInit]:
         if name in INITIALIZERS:
             raise ValueError(f"initializer {name!r} is registered twice")
+        guarded = guard(fn)
         INITIALIZERS[name] = InitializerSpec(
             name=name,
-            fn=fn,
+            fn=guarded,
             invariant=invariant,
             statistics=statistics,
             cost=cost,
             paper=paper,
             summary=summary,
             label=label or name,
+            reads_weight=reads_weight,
+            fidelity=fidelity,
         )
-        return fn
+        return guarded
 
     return decorate
 

@@ -230,3 +230,20 @@ def history_trend(history: pd.DataFrame) -> go.Figure:
         traces[shape] = items
     return with_views(traces, {"title": "History: median init time per run", "xaxis": {"title": "run (oldest first)"},
                                "yaxis": {"type": "log", "title": "seconds"}}, "shape")
+
+
+def fidelity_by_niter(table: pd.DataFrame) -> go.Figure:
+    """Largest principal angle to the exact subspace against the number of subspace
+    iterations (columns ``fidelity_angle_deg_niter<k>``), one line per initializer and shape."""
+    columns = sorted((c for c in table.columns if c.startswith("fidelity_angle_deg_niter")),
+                     key=lambda c: int(c.rsplit("niter", 1)[1]))
+    niters = [int(c.rsplit("niter", 1)[1]) for c in columns]
+    fig = go.Figure()
+    for _, row in table.dropna(subset=columns).sort_values(["numel", "d_out"]).iterrows():
+        fig.add_trace(go.Scatter(x=niters, y=[row[c] for c in columns], mode="lines+markers",
+                                 name=f"{row['initializer']} {row['shape']}", line={"color": color(row["initializer"])},
+                                 hovertemplate="niter %{x}: %{y:.3g}°<extra>%{fullData.name}</extra>"))
+    fig.update_layout(template="plotly_white", height=420, margin={"t": 60, "r": 20, "b": 50, "l": 70},
+                      title="Randomized SVD against the exact SVD: largest principal angle of the top-r subspace",
+                      xaxis_title="subspace iterations (niter)", yaxis_title="degrees (0 = exact subspace)")
+    return fig

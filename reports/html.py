@@ -155,6 +155,18 @@ def render_sections(data: ResultSet, comparison: pd.DataFrame | None,
                                "ones (yellow) as hollow circles; a cell without a law is not drawn.</p>"
                              + '<div id="failure-table">' + table_html(failed, FAILURE_COLUMNS, classes=_status_classes(failed))
                              + "</div>"))
+        fid_cols = [c for c in init.columns if c.startswith("fidelity_")]
+        if fid_cols:
+            fid = table[table[fid_cols].notna().any(axis=1)]
+            parts = ['<p class="note">How far each approximate method is from the exact computation it stands for, '
+                     "computed once per cell after the timings (on the harness's Gaussian weights: a flat spectrum, "
+                     "the hardest case for subspace iteration). angle_deg: largest principal angle to the exact "
+                     "subspace; energy_ratio: captured energy over the Eckart–Young optimum; eig_residual: "
+                     "max ‖Ωq − λq‖/‖Ω‖ of LoRA-DA's eigensolver.</p>"]
+            if any(c.startswith("fidelity_angle_deg_niter") for c in fid_cols):
+                parts.append(_figure(figures.fidelity_by_niter(fid)))
+            parts.append(table_html(fid, ["initializer", "shape", "rank", "dtype", "threads", *sorted(fid_cols)]))
+            sections.append(("fidelity", "Fidelity of approximate methods", "".join(parts)))
         sp = speedups(table, speedup_reference)
         label = INITIALIZERS[speedup_reference].label if speedup_reference in INITIALIZERS else speedup_reference
         if not sp.empty:
