@@ -39,6 +39,14 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def parse_shape(text: str) -> tuple[int, int]:
+    """``28672x8192`` → (28672, 8192) (argparse type of ``--shape``)."""
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (use d_outxd_in, e.g. 28672x8192)")
+    return int(parts[0]), int(parts[1])
+
+
 def _check_device(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -87,11 +95,13 @@ def cmd_run(args) -> int:
     template = Task(initializer="", d_out=1, d_in=1, rank=args.rank, warmups=args.warmups, values=args.values,
                     min_values=min(args.values, 2), value_budget_s=args.value_budget, seed=args.seed,
                     processes=args.processes)
-    tasks = init_tasks(args.preset, args.initializers, rank=args.rank, dtype=args.dtype, device=args.device,
-                       threads=threads, template=template)
-    write_catalog(args.out, args.preset)
+    if not args.preset and not args.shape:
+        raise ValueError("run needs --preset or --shape (e.g. --preset llama-2-7b, --shape 28672x8192)")
+    tasks = init_tasks(args.preset or [], args.initializers, rank=args.rank, dtype=args.dtype, device=args.device,
+                       threads=threads, template=template, extra_shapes=args.shape)
+    write_catalog(args.out, args.preset or [])
     runner = Runner(args.out / "init.jsonl", limit_s=args.limit, progress=not args.no_progress,
-                    memory_limit_bytes=args.memory_limit)
+                    memory_limit_bytes=args.memory_limit, calibrate=not args.no_floor)
     rows = runner.run(tasks)
     csv_path, _ = export_kind(rows, args.out, "init")
     print(f"init results: {args.out / 'init.jsonl'} ({csv_path.name}, init.json)")
@@ -109,10 +119,34 @@ def cmd_loss(args) -> int:
         rank=args.rank, alpha=args.alpha, lr=args.lr, eval_every=args.eval_every, seed=args.seed,
         device=args.device, dtype=args.dtype, model_path=args.model_path, data=args.data,
         threads=args.threads, sb_samples=args.sb_samples, da_samples=args.da_samples,
-        save_adapters=args.save_adapters,
+        save_adapters=args.save_adapters, options=_init_options(args.init_option, args.initializers),
     )
     run_loss(config, args.out, progress=not args.no_progress)
     return 0
+
+
+def _init_options(items: list[str] | None, initializers: list[str]) -> dict[str, dict]:
+    """``NAME.KEY=VALUE`` (repeatable) → {NAME: {KEY: VALUE}}; VALUE is read as JSON when it
+    parses (numbers, true/false), else kept as text."""
+    import json
+
+    import loram_ref
+
+    options: dict[str, dict] = {}
+    for item in items or []:
+        head, sep, value = item.partition("=")
+        name, dot, key = head.partition(".")
+        if not (sep and dot and name and key):
+            raise ValueError(f"--init-option {item!r}: use NAME.KEY=VALUE, e.g. lora_da.solver=eigh")
+        loram_ref.get_initializer(name)
+        if name not in initializers:
+            raise ValueError(f"--init-option {item!r}: {name} is not among --initializers")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        options.setdefault(name, {})[key] = parsed
+    return options
 
 
 def _write_report(results_dir: Path, out: Path, comparison=None, title: str = "loram-bench report") -> Path:
@@ -184,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("run", help="measure init time and peak memory per layer shape")
-    p.add_argument("--preset", action="append", required=True, help="preset, config.json or model folder (repeatable)")
+    p.add_argument("--preset", action="append", help="preset, config.json or model folder (repeatable)")
+    p.add_argument("--shape", action="append", type=parse_shape, metavar="MxN",
+                   help="a layer shape d_out x d_in to measure as well (repeatable), e.g. 28672x8192")
     p.add_argument("--initializers", nargs="+", choices=names, default=None, help="default: all")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -195,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmups", type=int, default=1)
     p.add_argument("--processes", type=int, default=3, help="worker processes per measurement while within 2x the value budget")
     p.add_argument("--value-budget", type=float, default=30.0, help="stop taking values after this many seconds")
+    p.add_argument("--no-floor", action="store_true", help="skip the hardware calibration (no per-cell floors)")
     p.add_argument("--memory-limit", type=parse_size, default=None, metavar="SIZE",
                    help="cap each worker's extra memory (e.g. 8GiB, 512MiB); an allocation beyond it is recorded as 'oom'")
     p.add_argument("--seed", type=int, default=0)
@@ -219,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="local .txt or .jsonl file (default: pydoc_data.topics)")
     p.add_argument("--sb-samples", type=int, default=8, help="LoRA-SB gradient samples")
     p.add_argument("--da-samples", type=int, default=32, help="LoRA-DA gradient / K-FAC samples (batch size 1)")
+    p.add_argument("--init-option", action="append", metavar="NAME.KEY=VALUE",
+                   help="an initializer keyword (repeatable), e.g. lora_da.solver=eigh or lora_da.official_seed=9")
     p.add_argument("--save-adapters", type=Path, default=None,
                    help="save each trained PEFT adapter, with the residual base weights it belongs to, under DIR/<initializer>")
     _add_common_run_args(p)

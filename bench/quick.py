@@ -51,7 +51,7 @@ def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, base
     started = time.perf_counter()
     threads = min(2, torch.get_num_threads())
     tasks = init_tasks(QUICK_PRESETS, rank=QUICK_TEMPLATE.rank, threads=threads, template=QUICK_TEMPLATE)
-    measure_init(tasks, out, baseline, sources=QUICK_PRESETS, progress=progress)
+    measure_init(tasks, out, baseline, sources=QUICK_PRESETS, progress=progress, calibrate=True)
     print(f"init cost: {len(tasks)} measurements in {time.perf_counter() - started:.0f} s", flush=True)
     if not skip_loss:
         from .loss.run import LossConfig, run_loss

@@ -20,7 +20,10 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from loram_ref import get_initializer
+
 from . import costlaw
+from .calibrate import Calibration, calibrate
 from .environment import environment
 from .identity import family
 from .launchers import WORKER_ENV, ForkServerLauncher, Launcher, SpawnLauncher, fork_available  # noqa: F401
@@ -42,6 +45,9 @@ class Runner:
     #: cap on each worker's extra memory (``RLIMIT_AS`` above its size at start), or None
     memory_limit_bytes: int | None = None
     progress: bool = True
+    #: calibrate each (device, dtype, threads) before its first cell, for per-cell floors
+    calibrate: bool = False
+    calibrations: dict[tuple[str, str, int], Calibration | None] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
 
     def launcher_for(self, task: Task) -> Launcher:
@@ -82,12 +88,34 @@ class Runner:
         else:
             cell = self.execute(task, predicted)
         cell.run_id, cell.environment, cell.limit_s = self.run_id, environment(), self.limit_s
+        self._set_floor(cell, say)
         row = cell.to_row()
         append_row(self.results_path, row)
         rows.append(row)
         if row["status"] != OK:
             say(f"  {task.initializer} {task.d_out}x{task.d_in}: {row['status']}: {row.get('reason', '')}")
         return row
+
+    def _set_floor(self, cell: Measurement, say: Callable[[str], None]) -> None:
+        """The cell's hardware floor from its initializer's declared work and the calibration
+        of its device, dtype and thread count (taken once per run, in a fresh process)."""
+        task = cell.task
+        if not self.calibrate or cell.status != OK:
+            return
+        key = (task.device, task.dtype, task.threads)
+        if key not in self.calibrations:
+            try:
+                self.calibrations[key] = calibrate(*key)
+            except Exception as exc:  # noqa: BLE001 - a failed calibration costs the floors, not the run
+                say(f"  calibration of {key} failed, no floors: {exc}")
+                self.calibrations[key] = None
+        cal = self.calibrations[key]
+        work = get_initializer(task.initializer).work
+        if cal is None or work is None:
+            return
+        itemsize = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}.get(task.dtype, 4)
+        cell.floor_s = cal.floor_s(work(task.d_out, task.d_in, task.rank, itemsize))
+        cell.calibration = cal.fields()
 
     def predict(self, task: Task, rows: list[dict[str, Any]]) -> float | None:
         """Predicted wall time of the whole worker from finished rows of the same family."""

@@ -103,6 +103,9 @@ class Measurement:
     limit_s: float | None = None
     #: where a failure happened: "setup", "initializer" or "diagnostics" (the harness's own)
     phase: str = ""
+    #: the cell's hardware floor (``bench.calibrate``) and the calibration it came from
+    floor_s: float | None = None
+    calibration: dict[str, float] = field(default_factory=dict)
     run_id: str = ""
     timestamp: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     environment: dict[str, Any] = field(default_factory=dict)
@@ -127,6 +130,7 @@ class Measurement:
         task = self.task.to_dict()
         task["options"] = json.dumps(task["options"], sort_keys=True)
         worker_env = self.runs[0].environment if self.runs else {}
+        stats = self.stats() if self.runs else {}
         row = {
             "kind": "init",
             "schema_version": SCHEMA_VERSION,
@@ -140,7 +144,10 @@ class Measurement:
             "limit_s": self.limit_s,
             "phase": self.phase,
             "weight_bytes": self.task.d_out * self.task.d_in * _itemsize(self.task.dtype),
-            **(self.stats() if self.runs else {}),
+            **stats,
+            "floor_s": self.floor_s,
+            "floor_ratio": (stats["median_s"] / self.floor_s) if self.floor_s and stats.get("median_s") else None,
+            **self.calibration,
             "init_info": _distinct([r.init_info for r in self.runs]) if self.runs else "",
             **{f"fidelity_{k}": v for r in self.runs[:1] for k, v in r.fidelity.items()},
             "torch_threads": worker_env.get("torch_threads"),
@@ -161,6 +168,7 @@ class Measurement:
         env = {k: v for k, v in row.items() if k in _ENVIRONMENT_FIELDS}
         return cls(task=task, status=row.get("status", ""), reason=row.get("reason") or "", runs=runs,
                    predicted_s=row.get("predicted_s"), limit_s=row.get("limit_s"), phase=row.get("phase") or "",
+                   floor_s=row.get("floor_s"), calibration={k: v for k, v in row.items() if k.startswith("calib_")},
                    run_id=row.get("run_id", ""), timestamp=row.get("timestamp", ""),
                    environment=env, upgraded_from=row.get("upgraded_from"), legacy=row.get("legacy") or {})
 

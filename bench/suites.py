@@ -31,9 +31,11 @@ def init_tasks(
     device: str = "cpu",
     threads: int = 2,
     template: Task | None = None,
+    extra_shapes: list[tuple[int, int]] | None = None,
 ) -> list[Task]:
-    """One task per (initializer, unique shape of each source). A shape shared by two
-    sources is measured once; its per-model counts live in the shape catalog."""
+    """One task per (initializer, unique shape of each source, and each of ``extra_shapes``).
+    A shape shared by two sources is measured once; its per-model counts live in the
+    shape catalog."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"--rank must be an integer >= 1, got {rank!r}")
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -45,11 +47,13 @@ def init_tasks(
     for source in sources:
         for s in unique_shapes(model_shapes(source)):
             shapes.setdefault((s.d_out, s.d_in), (s, source))
+    for d_out, d_in in extra_shapes or []:
+        shapes.setdefault((d_out, d_in), (LayerShape("shape", d_out, d_in), ""))
     base = template or Task(initializer="", d_out=1, d_in=1, rank=rank)
     too_small = [s for s, _ in shapes.values() if rank > min(s.d_out, s.d_in)]
     if too_small and len(too_small) == len(shapes):
         smallest = max(min(s.d_out, s.d_in) for s in too_small)
-        raise ValueError(f"no task: every layer shape of {', '.join(map(str, sources))} has a side smaller than --rank "
+        raise ValueError(f"no task: every layer shape of {', '.join(map(str, sources)) or 'the --shape list'} has a side smaller than --rank "
                          f"{rank} (the largest min(d_out, d_in) is {smallest}); use a smaller --rank")
     if too_small:
         print(f"note: --rank {rank} exceeds min(d_out, d_in) of {len(too_small)} layer shape(s), not measured: "

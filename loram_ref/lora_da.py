@@ -10,6 +10,7 @@ from .fidelity import lora_da_fidelity
 from .linalg import randomized_svd
 from .registry import INPUT_SPACE, Invariant, Statistics, register
 from .result import LoraInit
+from .work import input_space
 from .stats import LoraDAStats
 from .validation import check_inputs, check_positive_int, resolve_generator
 
@@ -108,6 +109,7 @@ def _damped_cholesky(z: torch.Tensor, damping: float) -> tuple[torch.Tensor, flo
 
 @register(
     "lora_da",
+    work=input_space,
     fidelity=lora_da_fidelity,
     invariant=Invariant.SHIFTED,
     statistics=Statistics.LORA_DA,

@@ -8,12 +8,14 @@ from .fidelity import lora_sb_fidelity
 from .linalg import randomized_svd
 from .registry import Invariant, Statistics, register
 from .result import LoraInit
+from .work import sign_update_rsvd
 from .stats import LoraSBStats
 from .validation import check_inputs, check_positive_int, resolve_generator
 
 
 @register(
     "lora_sb",
+    work=sign_update_rsvd,
     fidelity=lora_sb_fidelity,
     invariant=Invariant.SHIFTED,
     statistics=Statistics.LORA_SB,

@@ -8,6 +8,7 @@ import torch
 
 from .registry import Invariant, register
 from .result import LoraInit
+from .work import factors_only
 from .validation import check_inputs, resolve_generator
 
 
@@ -34,6 +35,7 @@ def _noise_zeros(
 
 @register(
     "noise_zeros",
+    work=factors_only,
     invariant=Invariant.ZERO_PRODUCT,
     reads_weight=False,
     paper="Hu et al. 2021, LoRA (arXiv 2106.09685); PEFT init_lora_weights=True",
@@ -72,6 +74,7 @@ def noise_zeros(
 
 @register(
     "gaussian",
+    work=factors_only,
     invariant=Invariant.ZERO_PRODUCT,
     reads_weight=False,
     paper="Hu et al. 2021, LoRA (arXiv 2106.09685); PEFT init_lora_weights='gaussian'",

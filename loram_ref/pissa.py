@@ -8,6 +8,7 @@ from .fidelity import pissa_rsvd_fidelity
 from .linalg import randomized_svd
 from .registry import FULL_SVD, Invariant, register
 from .result import LoraInit
+from .work import full_svd, randomized_svd_work
 from .guard import check_residual
 from .validation import check_inputs, check_positive_int, resolve_generator
 
@@ -63,6 +64,7 @@ def _pissa_factors(
 
 @register(
     "pissa",
+    work=full_svd,
     invariant=Invariant.FUNCTION_PRESERVING,
     cost=FULL_SVD,
     label="full-SVD PiSSA",
@@ -103,6 +105,7 @@ def pissa(
 
 @register(
     "pissa_rsvd",
+    work=randomized_svd_work(4),
     fidelity=pissa_rsvd_fidelity,
     invariant=Invariant.FUNCTION_PRESERVING,
     paper=_PAPER,

@@ -15,6 +15,7 @@ from typing import Callable
 from .guard import guard
 from .result import LoraInit
 from .statistics import NO_STATISTICS, Statistics, StatisticsKind
+from .work import Work
 
 __all__ = [
     "FULL_SVD",
@@ -89,6 +90,9 @@ class InitializerSpec:
     #: ``fidelity(weight, rank, init, kwargs) -> {name: value}``: how far an approximate
     #: method is from the exact computation (``loram_ref.fidelity``); None for exact ones
     fidelity: Callable[..., dict] | None = None
+    #: ``work(m, n, r, itemsize) -> Work``: bytes and flops the algorithm must move
+    #: (``loram_ref.work``), from which the harness derives each cell's hardware floor
+    work: Callable[..., Work] | None = None
 
     @property
     def needs_statistics(self) -> bool:
@@ -109,6 +113,7 @@ def register(
     label: str | None = None,
     reads_weight: bool = True,
     fidelity: Callable[..., dict] | None = None,
+    work: Callable[..., Work] | None = None,
 ) -> Callable[[Callable[..., LoraInit]], Callable[..., LoraInit]]:
     """Add the decorated function to ``INITIALIZERS`` under ``name``."""
 
@@ -127,6 +132,7 @@ def register(
             label=label or name,
             reads_weight=reads_weight,
             fidelity=fidelity,
+            work=work,
         )
         return guarded
 

@@ -34,7 +34,15 @@ def row_blocks(weight: torch.Tensor, elements: int = CHUNK_ELEMENTS):
 
 
 def check_finite(weight: torch.Tensor, name: str = "weight") -> None:
-    """Raise if ``weight`` holds NaN or Inf. Chunked: the bool mask never exceeds one block."""
+    """Raise if ``weight`` holds NaN or Inf.
+
+    One fast read pass: a native sum is finite unless an entry is non-finite (or the sum
+    itself overflows); only then does the exact ``isfinite`` scan run, in blocks, so the
+    bool mask never exceeds one block. (On CPU ``isfinite`` costs several times a sum,
+    ~30x in bf16: the common, finite case no longer pays for it.)
+    """
+    if bool(torch.isfinite(weight.sum())):
+        return
     for block in row_blocks(weight):
         if not bool(torch.isfinite(block).all()):
             raise ValueError(f"{name} contains NaN or Inf values")

@@ -247,3 +247,26 @@ def fidelity_by_niter(table: pd.DataFrame) -> go.Figure:
                       title="Randomized SVD against the exact SVD: largest principal angle of the top-r subspace",
                       xaxis_title="subspace iterations (niter)", yaxis_title="degrees (0 = exact subspace)")
     return fig
+
+
+def roofline(table: pd.DataFrame) -> go.Figure:
+    """Each measured cell's median time as a multiple of its own hardware floor (1 = at
+    the floor: as fast as its declared bytes and flops allow on this machine)."""
+    ok = table[table["status"].eq("ok") & table["floor_ratio"].notna()]
+    traces: dict[str, list] = {}
+    for view, group in ok.groupby("view", sort=True):
+        items = []
+        for name, g in group.groupby("initializer"):
+            g = g.sort_values(["numel", "d_out"])
+            custom = np.stack([g["initializer"], g["shape"], g["role"].fillna(""),
+                               [f"median {t:.4g} s, floor {f:.4g} s" for t, f in zip(g["median_s"], g["floor_s"])]], axis=-1)
+            items.append(go.Scatter(x=g["shape"], y=g["floor_ratio"], name=name, legendgroup=name, mode="lines+markers",
+                                    line={"color": color(name)}, customdata=custom,
+                                    hovertemplate=_hover("multiple of the floor", "x")))
+        traces[view] = items
+    fig = with_views(traces, {"title": "Distance from the hardware: time / floor (floor = read bytes / read bandwidth + "
+                                       "max(read-write bytes / bandwidth, flops / GEMM rate))",
+                              "xaxis": _shape_axis(ok if not ok.empty else table),
+                              "yaxis": {"type": "log", "title": "x the floor (1 = at the floor)"}}, "view")
+    fig.add_hline(y=1.0, line={"color": KEY, "dash": "dash"})
+    return fig

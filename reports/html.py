@@ -176,6 +176,18 @@ def render_sections(data: ResultSet, comparison: pd.DataFrame | None,
                              f'<p class="note">no speedup chart: {html.escape(speedup_reference)} has no measured or '
                              'predicted time in these results.</p>'))
         sections.append(("memory", "Peak memory", _figure(figures.memory(table))))
+        if "floor_ratio" in table and table["floor_ratio"].notna().any():
+            calib_cols = sorted(c for c in init.columns if c.startswith("calib_"))
+            calib = init.dropna(subset=calib_cols).drop_duplicates(["device", "dtype", "threads"])
+            sections.append(("floor", "Distance from the hardware",
+                             '<p class="note">Each initializer declares the bytes it must read, read and write back, and '
+                             "the flops it must do (loram_ref/work.py); the run measured this machine's read and "
+                             "read-write bandwidth and rank-16 and square GEMM throughput per device and dtype "
+                             "(bench/calibrate.py). The floor is the time those would take; 1x means the method runs "
+                             "at the machine's limit, 10x that 90 % of its time is overhead. For the decompositions "
+                             "the floor assumes GEMM speed, which an SVD never reaches.</p>"
+                             + _figure(figures.roofline(table))
+                             + table_html(calib, ["device", "dtype", "threads", *calib_cols])))
         if not laws.empty:
             shown = laws.drop(columns=["family"]).assign(exponent=laws["exponent"].round(3), r2=laws["r2"].round(4))
             sections.append(("laws", "Fitted cost laws t = c·x^k",

@@ -117,3 +117,14 @@ def test_memory_limit_sizes_parse():
     for bad in ("lots", "12 parsecs", "100"):
         with pytest.raises(Exception, match="not a size|below 1 MiB"):
             parse_size(bad)
+
+
+def test_init_options_reach_the_initializer():
+    from bench.cli import _init_options
+
+    assert _init_options(["lora_da.solver=eigh", "lora_da.official_seed=9"], ["lora_da"]) == {
+        "lora_da": {"solver": "eigh", "official_seed": 9}}
+    for bad, message in ((["lora_da=eigh"], "use NAME.KEY=VALUE"), (["olora.x=1"], "unknown initializer"),
+                         (["pissa.niter=2"], "not among --initializers")):
+        with pytest.raises(ValueError, match=message):
+            _init_options(bad, ["lora_da"])

@@ -75,8 +75,11 @@ def apply_initializer(
             if stats is None or layer_name not in stats:
                 raise ValueError(f"{name} needs layer statistics; none collected for {layer_name}")
             kwargs["stats"] = stats[layer_name]
-        if "generator" in inspect.signature(spec.fn).parameters:
+        params = inspect.signature(spec.fn).parameters
+        if "generator" in params:
             kwargs["generator"] = torch.Generator(device=weight.device).manual_seed(_layer_seed(seed, index))
+        if "module" in params:  # the layer's name in the base model (LoRA-DA's official per-module seeds)
+            kwargs.setdefault("module", layer_name.removeprefix("base_model.model."))
         original = weight.detach().clone()
         t0 = time.perf_counter()
         init = spec.fn(weight.detach(), rank, scaling, **kwargs)
