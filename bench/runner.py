@@ -26,7 +26,7 @@ from . import costlaw
 from .calibrate import Calibration, calibrate
 from .environment import environment
 from .identity import family
-from .launchers import WORKER_ENV, ForkServerLauncher, Launcher, SpawnLauncher, fork_available  # noqa: F401
+from .launchers import ForkServerLauncher, Launcher, SpawnLauncher, fork_available
 from .results import OK, SKIPPED, TIMEOUT, append_row, check_writable, done_keys, read_rows, repair
 from .schema import FAILED, Measurement, SchemaError, merge_runs
 from .tasks import Task
@@ -113,8 +113,7 @@ class Runner:
         work = get_initializer(task.initializer).work
         if cal is None or work is None:
             return
-        itemsize = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}.get(task.dtype, 4)
-        cell.floor_s = cal.floor_s(work(task.d_out, task.d_in, task.rank, itemsize))
+        cell.floor_s = cal.floor_s(work(task.d_out, task.d_in, task.rank, task.itemsize))
         cell.calibration = cal.fields()
 
     def predict(self, task: Task, rows: list[dict[str, Any]]) -> float | None:

@@ -143,7 +143,7 @@ class Measurement:
             "predicted_s": self.predicted_s,
             "limit_s": self.limit_s,
             "phase": self.phase,
-            "weight_bytes": self.task.d_out * self.task.d_in * _itemsize(self.task.dtype),
+            "weight_bytes": self.task.d_out * self.task.d_in * self.task.itemsize,
             **stats,
             "floor_s": self.floor_s,
             "floor_ratio": (stats["median_s"] / self.floor_s) if self.floor_s and stats.get("median_s") else None,
@@ -171,10 +171,6 @@ class Measurement:
                    floor_s=row.get("floor_s"), calibration={k: v for k, v in row.items() if k.startswith("calib_")},
                    run_id=row.get("run_id", ""), timestamp=row.get("timestamp", ""),
                    environment=env, upgraded_from=row.get("upgraded_from"), legacy=row.get("legacy") or {})
-
-
-def _itemsize(dtype: str) -> int:
-    return {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
 
 
 def merge_runs(task: Task, runs: list[ProcessRun], **fields_: Any) -> Measurement:

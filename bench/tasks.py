@@ -48,6 +48,11 @@ class Task:
         (``bench.identity.cell_key``)."""
         return cell_key(self)
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of the weight's dtype."""
+        return {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
