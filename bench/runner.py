@@ -144,7 +144,7 @@ class Runner:
         runs = []
         while len(runs) < max(1, task.processes):
             # the fidelity diagnostic is deterministic: the first process computes it
-            attempt = task if not runs else replace(task, fidelity_max_elements=0)
+            attempt = task if not runs else replace(task, max_fidelity_elements=0)
             outcome = launcher.launch(attempt, self.limit_s, self.memory_limit_bytes)
             if outcome.status != OK:
                 return Measurement(task, outcome.status, reason=outcome.reason[:1000], predicted_s=predicted,

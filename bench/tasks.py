@@ -40,7 +40,7 @@ class Task:
     options: dict[str, Any] = field(default_factory=dict)
     #: run the initializer's fidelity diagnostic (``InitializerSpec.fidelity``) on cells up
     #: to this many elements (0: never); the runner asks only the first process of a cell
-    fidelity_max_elements: int = 4096 * 4096
+    max_fidelity_elements: int = 4096 * 4096
 
     @property
     def key(self) -> str:

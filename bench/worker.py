@@ -184,7 +184,7 @@ def run_task(task: Task) -> dict[str, Any]:
     diagnostics: dict[str, Any] = {}
     try:
         diagnostics = _invariant_error(init, pristine)
-        if spec.fidelity is not None and 0 < task.d_out * task.d_in <= task.fidelity_max_elements:
+        if spec.fidelity is not None and 0 < task.d_out * task.d_in <= task.max_fidelity_elements:
             diagnostics["fidelity"] = spec.fidelity(pristine, task.rank, init, kwargs)
     except Exception as exc:  # noqa: BLE001 - the harness's check must not cost the measurement
         diagnostics = {**{k: v for k, v in diagnostics.items() if k != "fidelity"},

@@ -119,3 +119,14 @@ def test_failure_markings_render_in_headless_chromium(tmp_path):
     assert {"failed, time predicted", "predicted (skipped)", "measured", "fitted cost law"} <= set(state["legend"])
     assert sorted(state["failed"]) == ["crashed", "oom", "timeout"]
     assert state["points"] > 0
+
+
+def test_the_fidelity_section_lists_only_cells_with_a_diagnostic(tmp_path):
+    folder = _folder(tmp_path)
+    append_row(folder / "init.jsonl", {
+        "kind": "init", "initializer": "pissa_rsvd", "d_out": 64, "d_in": 64, "rank": 16, "dtype": "float32",
+        "device": "cpu", "threads": 2, "status": "ok", "values_s": [0.1, 0.1], "first_s": 0.1,
+        "fidelity_angle_deg_niter0": 80.0, "fidelity_angle_deg_niter4": 10.0, **ENV})
+    page = build_report(folder, tmp_path / "r.html").read_text()
+    section = page.split('id="fidelity"', 1)[1].split("<h2", 1)[0]
+    assert "pissa_rsvd" in section and "loram_dst" not in section and "max_fidelity_elements" not in page
