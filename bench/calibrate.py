@@ -87,7 +87,7 @@ def measure(device: str, dtype: str, threads: int, elements: int = BUFFER_ELEMEN
     b = torch.randn(rows, 16, device=dev).to(dt).mul_(1e-3)
     a = torch.randn(16, cols, device=dev).to(dt).mul_(1e-3)
     t_low = _median_time(lambda: x.addmm_(b, a, alpha=1e-3), dev)
-    del x
+    x = b = a = None  # free the buffer before the square GEMM
     s = torch.randn(1024, 1024, device=dev).to(dt)
     t_sq = _median_time(lambda: s @ s, dev)
     return Calibration(device=device, dtype=dtype, threads=threads, read_bytes_per_s=rows * cols * item / t_read,

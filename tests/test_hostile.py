@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import loram_ref
-from loram_ref import LoraDAStats
 
 from .conftest import stats_for
 
