@@ -157,6 +157,8 @@ class Measurement:
         }
         if self.upgraded_from is not None:
             row["upgraded_from"] = self.upgraded_from
+        if self.legacy:
+            row["legacy"] = self.legacy
         return row
 
     @classmethod

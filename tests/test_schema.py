@@ -14,7 +14,7 @@ from bench.identity import cell_key
 from bench.metrics import METRICS, Gate, Merge, derive
 from bench.results import append_row, read_rows
 from bench.runner import Runner
-from bench.schema import SCHEMA_VERSION, Measurement, ProcessRun, SchemaError, merge_runs, upgrade_row
+from bench.schema import SCHEMA_VERSION, Measurement, ProcessRun, SchemaError, merge_runs, normalize_row, upgrade_row
 from bench.tasks import Task
 
 V1 = Path(__file__).parent / "fixtures" / "results_v1"
@@ -39,6 +39,7 @@ def test_v1_init_rows_upgrade_with_the_same_keys_and_numbers():
             assert new.get("peak_cpu_extra_bytes") == old.get("peak_cpu_extra_bytes")
             assert new["first_s"] == old["first_s"]
             assert new["processes"] == old["processes"]  # kept from schema 1, not rebuilt as 1
+            assert normalize_row(new)["processes"] == old["processes"]  # and kept when read again
             if old["processes"] > 1:
                 assert new["first_values_s"] == old["first_values_s"]
         else:
