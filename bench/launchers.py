@@ -30,7 +30,8 @@ from .worker import RESULT_PREFIX, apply_memory_limit, failure_message, run_task
 #: stays in RSS and a later region's peak hides inside it. A fixed threshold keeps every
 #: large tensor mmapped, so RSS (and VmHWM) follow what is live. A passive OpenMP wait
 #: policy keeps idle threads from spinning on the other cores.
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_WAIT_POLICY": "PASSIVE"}
+#: (the spin settings a training command sets for itself are overridden: workers sleep at once)
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0", "KMP_BLOCKTIME": "0"}
 
 
 @dataclass

@@ -5,7 +5,8 @@ and the quick suite of ``tox -e bench``. Initializer names are chosen here, once
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import loram_ref
 
@@ -78,3 +79,33 @@ QUICK_PRESETS = ["smollm2-135m", "llama-2-7b"]
 QUICK_TEMPLATE = Task(initializer="", d_out=1, d_in=1, rank=DEFAULT_RANK, warmups=0, values=3, min_values=1,
                       value_budget_s=2.0, processes=3)
 QUICK_LIMIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class LossSuite:
+    """A loss grid as data: every (initializer, lr, seed) trains ``steps`` steps; the rest
+    of the configuration is ``LossConfig``'s defaults (``overrides`` replace some)."""
+
+    initializers: tuple[str, ...]
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def runs(self) -> int:
+        return len(self.initializers) * len(self.lrs) * len(self.seeds)
+
+    def config(self, **options: Any):
+        from .loss.run import LossConfig
+
+        return LossConfig(initializers=list(self.initializers), lrs=list(self.lrs), seeds=list(self.seeds),
+                          steps=self.steps, **{**self.overrides, **options})
+
+
+#: The quick suite's loss part: its initializers x 3 seeds at lr 1e-3, 25 steps
+#: (12 runs, about 6 minutes on 2 cores with bf16 autocast).
+QUICK_LOSS = LossSuite(tuple(DEFAULT_LOSS_INITIALIZERS), lrs=(1e-3,), seeds=(0, 1, 2), steps=25)
+#: ``loram-bench full``: every initializer x 3 learning rates x 3 seeds x 40 steps
+#: (72 runs, about 55 minutes on 2 cores with bf16 autocast).
+FULL_LOSS = LossSuite(tuple(sorted(loram_ref.INITIALIZERS)), lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), steps=40)

@@ -8,7 +8,7 @@ import torch
 
 from .fidelity import lora_da_fidelity
 from .linalg import randomized_svd
-from .registry import INPUT_SPACE, Invariant, Statistics, register
+from .registry import INPUT_SPACE, Invariant, PublishedScaling, Statistics, register
 from .result import LoraInit
 from .work import input_space
 from .stats import LoraDAStats
@@ -114,6 +114,7 @@ def _damped_cholesky(z: torch.Tensor, damping: float) -> tuple[torch.Tensor, flo
     invariant=Invariant.SHIFTED,
     statistics=Statistics.LORA_DA,
     cost=INPUT_SPACE,
+    published=PublishedScaling(alpha=16.0, rslora=True, source="official default config: rsLoRA, α = 16 (s = 16/√r; spec §4)"),
     paper="Zhang et al. 2025, LoRA-DA (arXiv 2510.24561, ICML 2026); zqy0126/LoRA-DA",
     summary="A = Qᵀ/√γ, B = Δ̂·Q/√γ with Q the smallest-r eigvecs of Ω = -Δ̂ᵀΔ̂ + β·Σd/(Nσ₁²)·Z⁻¹; W unchanged",
 )

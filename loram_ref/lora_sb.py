@@ -6,7 +6,7 @@ import torch
 
 from .fidelity import lora_sb_fidelity
 from .linalg import randomized_svd
-from .registry import Invariant, Statistics, register
+from .registry import Invariant, PublishedScaling, Statistics, register
 from .result import LoraInit
 from .work import sign_update_rsvd
 from .stats import LoraSBStats
@@ -19,6 +19,7 @@ from .validation import check_inputs, check_positive_int, resolve_generator
     fidelity=lora_sb_fidelity,
     invariant=Invariant.SHIFTED,
     statistics=Statistics.LORA_SB,
+    published=PublishedScaling(source="the official repo forces lora_alpha = r (s = 1; spec §3)"),
     paper="Ponkshe, Singhal et al. 2024, LoRA-SB (arXiv 2411.19557); CERT-Lab/lora-sb",
     summary="B, A = top-r singular vectors of -η·sign(Σ∇W), trainable R = Σ_r/s; W unchanged",
 )

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from .bases import dst_basis, random_orthogonal_basis
-from .registry import Invariant, register
+from .registry import Invariant, PublishedScaling, register
 from .result import LoraInit
 from .work import one_pass_residual
 from .guard import check_residual
@@ -84,6 +84,7 @@ def _loram(
     "loram_dst",
     work=one_pass_residual,
     invariant=Invariant.FUNCTION_PRESERVING,
+    published=PublishedScaling(source="the paper fixes s = 1 (spec §5)"),
     paper=_PAPER,
     summary="A = β·Φ_inᵀ, B = β·Φ_out on the first r DST-I columns, β = (Q‖W‖²/r)^¼; W_res = W - s·B·A",
 )
@@ -120,6 +121,7 @@ def loram_dst(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, inplace:
     "loram_rorth",
     work=one_pass_residual,
     invariant=Invariant.FUNCTION_PRESERVING,
+    published=PublishedScaling(source="the paper fixes s = 1 (spec §5)"),
     paper=_PAPER + ", §4.3 basis ablation",
     summary="LoRAM with Haar random-orthogonal bases instead of DST (same β)",
 )

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .registry import Invariant, register
+from .registry import Invariant, PublishedScaling, register
 from .result import LoraInit
 from .work import factors_only
 from .validation import check_inputs, resolve_generator
@@ -38,6 +38,7 @@ def _noise_zeros(
     work=factors_only,
     invariant=Invariant.ZERO_PRODUCT,
     reads_weight=False,
+    published=PublishedScaling(alpha=8.0, source="PEFT's default lora_alpha = 8 (s = 8/r)"),
     paper="Hu et al. 2021, LoRA (arXiv 2106.09685); PEFT init_lora_weights=True",
     summary="A ~ Kaiming-uniform(a=√5) = U(±1/√d_in), B = 0",
 )
@@ -77,6 +78,7 @@ def noise_zeros(
     work=factors_only,
     invariant=Invariant.ZERO_PRODUCT,
     reads_weight=False,
+    published=PublishedScaling(alpha=8.0, source="PEFT's default lora_alpha = 8 (s = 8/r)"),
     paper="Hu et al. 2021, LoRA (arXiv 2106.09685); PEFT init_lora_weights='gaussian'",
     summary="A ~ N(0, (1/r)²) (std 1/r, as PEFT), B = 0",
 )

@@ -6,7 +6,7 @@ import torch
 
 from .fidelity import pissa_rsvd_fidelity
 from .linalg import randomized_svd
-from .registry import FULL_SVD, Invariant, register
+from .registry import FULL_SVD, Invariant, PublishedScaling, register
 from .result import LoraInit
 from .work import full_svd, randomized_svd_work
 from .guard import check_residual
@@ -66,6 +66,7 @@ def _pissa_factors(
     "pissa",
     work=full_svd,
     invariant=Invariant.FUNCTION_PRESERVING,
+    published=PublishedScaling(source="the PiSSA paper sets lora_alpha = r (s = 1; spec §2)"),
     cost=FULL_SVD,
     label="full-SVD PiSSA",
     paper=_PAPER,
@@ -108,6 +109,7 @@ def pissa(
     work=randomized_svd_work(4),
     fidelity=pissa_rsvd_fidelity,
     invariant=Invariant.FUNCTION_PRESERVING,
+    published=PublishedScaling(source="the PiSSA paper sets lora_alpha = r (s = 1; spec §2)"),
     paper=_PAPER,
     summary="PiSSA on a randomized SVD (q = r, niter power iterations)",
 )

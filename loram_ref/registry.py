@@ -8,7 +8,8 @@ Nothing outside the registry keeps lists of initializer names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
 
@@ -25,6 +26,7 @@ __all__ = [
     "CostClass",
     "InitializerSpec",
     "Invariant",
+    "PublishedScaling",
     "Statistics",
     "StatisticsKind",
     "get_initializer",
@@ -74,6 +76,27 @@ INPUT_SPACE = CostClass("n²·(m+n)", _n2_m_plus_n)
 
 
 @dataclass(frozen=True)
+class PublishedScaling:
+    """The LoRA scaling a method is trained with in its paper or official code.
+
+    ``s = α / r`` (PEFT), or ``s = α / √r`` with rsLoRA. ``alpha=None`` means α = r
+    (s = 1), the convention of most of the papers. The loss benchmark trains every
+    initializer at one shared scaling by default; ``--scaling published`` uses these.
+    """
+
+    alpha: float | None = None
+    rslora: bool = False
+    source: str = "α = r (s = 1)"
+
+    def lora_alpha(self, rank: int) -> float:
+        return float(rank) if self.alpha is None else float(self.alpha)
+
+    def scaling(self, rank: int) -> float:
+        alpha = self.lora_alpha(rank)
+        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
+
+
+@dataclass(frozen=True)
 class InitializerSpec:
     """One registered initializer and every fact about it the harness and report use."""
 
@@ -93,6 +116,8 @@ class InitializerSpec:
     #: ``work(m, n, r, itemsize) -> Work``: bytes and flops the algorithm must move
     #: (``loram_ref.work``), from which the harness derives each cell's hardware floor
     work: Callable[..., Work] | None = None
+    #: the scaling the method is published with (``--scaling published`` in the loss benchmark)
+    published: PublishedScaling = field(default_factory=PublishedScaling)
 
     @property
     def needs_statistics(self) -> bool:
@@ -114,6 +139,7 @@ def register(
     reads_weight: bool = True,
     fidelity: Callable[..., dict] | None = None,
     work: Callable[..., Work] | None = None,
+    published: PublishedScaling | None = None,
 ) -> Callable[[Callable[..., LoraInit]], Callable[..., LoraInit]]:
     """Add the decorated function to ``INITIALIZERS`` under ``name``."""
 
@@ -133,6 +159,7 @@ def register(
             reads_weight=reads_weight,
             fidelity=fidelity,
             work=work,
+            published=published or PublishedScaling(),
         )
         return guarded
 

@@ -21,6 +21,9 @@ from .stats import LoraDAStats, LoraSBStats
 SyntheticMaker = Callable[[int, int, torch.Generator, Any], Any]
 #: ``collect(model, blocks, target_names, ctx) -> ({layer name: stats}, meta)``
 Collector = Callable[..., tuple[dict[str, Any], dict[str, Any]]]
+#: ``at_lr(stats, meta, factor) -> (stats, meta)``: one layer's statistics for a run at
+#: ``factor`` times the learning rate they were collected at
+LrRescale = Callable[[Any, dict[str, Any], float], tuple[Any, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -32,16 +35,32 @@ class StatisticsKind:
         synthetic: makes synthetic statistics for an ``m x n`` layer.
         collect: collects real statistics from a model and training blocks.
         default_samples: how many training blocks the collector reads by default.
+        lr_rescale: how statistics collected at one learning rate become those of another
+            (None: they do not depend on the learning rate). A learning-rate grid then
+            collects once per seed and derives the rest.
     """
 
     name: str
     synthetic: SyntheticMaker | None = None
     collect: Collector | None = None
     default_samples: int = 0
+    lr_rescale: LrRescale | None = None
 
     @property
     def needed(self) -> bool:
         return self.synthetic is not None
+
+    def at_lr(self, stats: dict[str, Any], meta: dict[str, Any], collected_lr: float, lr: float
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Per-layer ``stats`` (and the collector's ``meta``) collected at ``collected_lr``, as
+        they are for a run at ``lr``; the same objects when the kind does not depend on lr."""
+        if self.lr_rescale is None or lr == collected_lr:
+            return stats, meta
+        factor = lr / collected_lr
+        out, new_meta = {}, meta
+        for name, layer in stats.items():
+            out[name], new_meta = self.lr_rescale(layer, meta, factor)
+        return out, new_meta
 
 
 def _synthetic_lora_sb(m: int, n: int, generator: torch.Generator, device="cpu") -> LoraSBStats:
@@ -56,8 +75,16 @@ def _synthetic_lora_da(m: int, n: int, generator: torch.Generator, device="cpu")
     return stats
 
 
+def _lora_sb_at_lr(stats: LoraSBStats, meta: dict[str, Any], factor: float) -> tuple[LoraSBStats, dict[str, Any]]:
+    """ΔW = -η·sign(Σ∇W) with η = lr / (warmup_ratio · #batches) (spec §3): η, and so ΔW,
+    is proportional to lr; the gradient signs do not depend on it."""
+    new_meta = {**meta, "eta_eff": meta["eta_eff"] * factor} if "eta_eff" in meta else dict(meta)
+    return LoraSBStats(update=stats.update * factor), new_meta
+
+
 NO_STATISTICS = StatisticsKind("none")
-LORA_SB_STATISTICS = StatisticsKind("lora_sb", _synthetic_lora_sb, collect_lora_sb, default_samples=8)
+LORA_SB_STATISTICS = StatisticsKind("lora_sb", _synthetic_lora_sb, collect_lora_sb, default_samples=8,
+                                    lr_rescale=_lora_sb_at_lr)
 LORA_DA_STATISTICS = StatisticsKind("lora_da", _synthetic_lora_da, collect_lora_da, default_samples=32)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,15 +23,37 @@ class Curve:
     update_norm: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     eval_loss_step0: float = math.nan
+    diverged_step: int = 0  # the first step whose train loss was not finite (0: none)
+
+    def eval_auc(self) -> float:
+        """The area under the eval-loss curve over steps 0..T (trapezoids between the steps
+        that were evaluated), divided by T: the run's time-averaged eval loss. Lower means it
+        got low sooner (a convergence-speed measure that the final loss alone misses)."""
+        points = [(0, self.eval_loss_step0)] + [(i + 1, v) for i, v in enumerate(self.eval_loss) if not math.isnan(v)]
+        if len(points) < 2 or math.isnan(points[0][1]):
+            return math.nan
+        area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(points, points[1:]))
+        return area / points[-1][0]
+
+
+def autocast_context(device: str, dtype: torch.dtype | None):
+    """``torch.autocast`` in ``dtype`` on ``device``'s type, or nothing when ``dtype`` is None.
+
+    Mixed precision as usual: matmuls in bf16, the trainable LoRA factors, their gradients,
+    AdamW's state, the norms and the loss stay in float32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 @torch.no_grad()
-def eval_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
+def eval_loss(model, blocks: torch.Tensor, batch_size: int, autocast: torch.dtype | None = None) -> float:
     """Mean token loss over the held-out blocks (equal-length blocks: a plain mean)."""
     was_training = model.training
     model.eval()
-    losses = [float(model(input_ids=blocks[i : i + batch_size], labels=blocks[i : i + batch_size]).loss)
-              for i in range(0, len(blocks), batch_size)]
+    with autocast_context(str(blocks.device), autocast):
+        losses = [float(model(input_ids=blocks[i : i + batch_size], labels=blocks[i : i + batch_size]).loss)
+                  for i in range(0, len(blocks), batch_size)]
     model.train(was_training)
     weights = [min(batch_size, len(blocks) - i) for i in range(0, len(blocks), batch_size)]
     return sum(l * w for l, w in zip(losses, weights)) / sum(weights)
@@ -45,12 +68,16 @@ def train(
     lr: float,
     eval_every: int,
     device: str,
+    autocast: torch.dtype | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> Curve:
     """AdamW (no weight decay, constant lr) on the trainable parameters for ``steps`` steps.
 
     Step ``i`` (1-based) trains on ``blocks.batch(i - 1)``; the update magnitude after the
     step is ``Σ_layers ‖W_eff(i) - W_eff(0)‖_F`` (the LoRAM paper's magnitude argument).
+    Eval runs at step 0, every ``eval_every`` steps and after the last. A non-finite train
+    loss ends the run there: ``curve.diverged_step`` names the step, and the run's summary
+    says it diverged (the verdict counts such runs apart instead of averaging NaN).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -59,19 +86,23 @@ def train(
     start = snapshot_factors(model)
     curve = Curve()
     eval_blocks = blocks.eval.to(device)
-    curve.eval_loss_step0 = eval_loss(model, eval_blocks, batch_size)
+    curve.eval_loss_step0 = eval_loss(model, eval_blocks, batch_size, autocast)
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
         ids = blocks.batch(step - 1, batch_size).to(device)
-        loss = model(input_ids=ids, labels=ids).loss
+        with autocast_context(device, autocast):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())
+        if not math.isfinite(value):
+            curve.diverged_step = step
+            break
         curve.step_seconds.append(time.perf_counter() - t0)
         curve.train_loss.append(value)
         curve.update_norm.append(update_norm(model, start))
-        curve.eval_loss.append(eval_loss(model, eval_blocks, batch_size) if step % eval_every == 0 or step == steps else math.nan)
+        curve.eval_loss.append(eval_loss(model, eval_blocks, batch_size, autocast) if step % eval_every == 0 or step == steps else math.nan)
         if on_step is not None:
             on_step(step, value)
     return curve
