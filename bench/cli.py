@@ -235,6 +235,10 @@ def cmd_quick(args) -> int:
 
     started = time.perf_counter()
     run_quick(args.out, progress=not args.no_progress, skip_loss=args.skip_loss, baseline=args.baseline)
+    if not args.skip_loss:
+        from .results import read_rows
+
+        _print_verdict(read_rows(args.out / "loss.jsonl"), args.out)
     path = _write_report(args.out, args.out / "report.html")
     print(f"quick suite done in {time.perf_counter() - started:.0f} s")
     print(f"report: {path.resolve()}")

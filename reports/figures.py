@@ -201,18 +201,91 @@ def totals(frame: pd.DataFrame) -> go.Figure:
                                "yaxis": {"type": "log", "title": "seconds"}}, "preset · view")
 
 
-def loss_curves(loss: pd.DataFrame, metric: str, title: str, ytitle: str, trainable: dict[str, int] | None = None) -> go.Figure:
-    """One line per initializer; its legend entry says how many parameters it trains."""
+def _rgba(hex_color: str, alpha: float) -> str:
+    r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _lr_label(lr: float) -> str:
+    return f"lr {lr:.0e}".replace("e-0", "e-")
+
+
+def loss_bands(loss: pd.DataFrame, metric: str, title: str, ytitle: str, trainable: dict[str, int] | None = None) -> go.Figure:
+    """Per initializer, the mean over seeds of ``metric`` against step with its 95 % Student-t
+    band (none with one seed); a dropdown picks the learning rate. The legend says how many
+    parameters each trains."""
+    from bench.loss.verdict import Interval
+
     trainable = trainable or {}
+    traces: dict[str, list] = {}
+    for lr, by_lr in loss.groupby("lr", sort=True, dropna=False):
+        items = []
+        for name, g in by_lr.groupby("initializer"):
+            g = g.dropna(subset=[metric])
+            stats = [(step, Interval.of(v[metric].to_numpy())) for step, v in g.groupby("step", sort=True)]
+            if not stats:
+                continue
+            steps = [s for s, _ in stats]
+            mean = [iv.mean for _, iv in stats]
+            seeds = max(iv.n for _, iv in stats)
+            label = f"{name} ({trainable[name] / 1e6:.3g} M trainable)" if trainable.get(name) else name
+            if seeds > 1:
+                low, high = [iv.low for _, iv in stats], [iv.high for _, iv in stats]
+                items.append(go.Scatter(x=steps + steps[::-1], y=high + low[::-1], fill="toself", line={"width": 0, "color": color(name)},
+                                        fillcolor=_rgba(color(name), 0.18), hoverinfo="skip", showlegend=False,
+                                        legendgroup=name, name=f"{label} 95 % CI"))
+            items.append(go.Scatter(x=steps, y=mean, name=label, legendgroup=name, line={"color": color(name)},
+                                    mode="lines+markers" if metric == "eval_loss" else "lines",
+                                    hovertemplate=f"<b>{label}</b><br>step %{{x}}<br>mean {ytitle} over {seeds} "
+                                                  f"seed{'s' if seeds != 1 else ''}: %{{y:.5g}}<extra></extra>"))
+        traces[_lr_label(lr)] = items
+    sub = "mean over seeds, band: 95 % CI of the mean" if loss["seed"].nunique() > 1 else "one seed: no band"
+    return with_views(traces, {"title": f"{title}<br><sub>{sub}</sub>", "xaxis": {"title": "step"},
+                               "yaxis": {"title": ytitle}}, "learning rate")
+
+
+def best_lr(table: pd.DataFrame) -> go.Figure:
+    """Final eval loss (mean over seeds, 95 % CI bars) against the learning rate, one line per
+    initializer; each one's best lr is the large marker."""
     fig = go.Figure()
-    for name, g in loss.groupby("initializer"):
-        g = g.sort_values("step").dropna(subset=[metric])
-        label = f"{name} ({trainable[name] / 1e6:.3g} M trainable)" if trainable.get(name) else name
-        fig.add_trace(go.Scatter(x=g["step"], y=g[metric], name=label, mode="lines+markers" if metric == "eval_loss" else "lines",
-                                 line={"color": color(name)},
-                                 hovertemplate=f"<b>{label}</b><br>step %{{x}}<br>{ytitle}: %{{y:.5g}}<extra></extra>"))
-    fig.update_layout(template="plotly_white", title=title, xaxis_title="step", yaxis_title=ytitle, height=420,
-                      margin={"t": 60, "r": 20, "b": 50, "l": 70})
+    for name, g in table.sort_values("lr").groupby("initializer"):
+        err_hi = (g["final_eval_ci_high"] - g["final_eval_mean"]).fillna(0)
+        err_lo = (g["final_eval_mean"] - g["final_eval_ci_low"]).fillna(0)
+        fig.add_trace(go.Scatter(
+            x=g["lr"], y=g["final_eval_mean"], name=name, mode="lines+markers", line={"color": color(name)},
+            marker={"size": [14 if b else 7 for b in g["is_best_lr"]], "symbol": ["star" if b else "circle" for b in g["is_best_lr"]]},
+            error_y={"type": "data", "symmetric": False, "array": err_hi, "arrayminus": err_lo, "thickness": 1},
+            customdata=np.stack([g["seeds"], g["diverged"]], axis=-1),
+            hovertemplate=f"<b>{name}</b><br>lr %{{x:.1e}}<br>final eval loss %{{y:.4f}}<br>%{{customdata[0]}} seeds, "
+                          "%{customdata[1]} diverged<extra></extra>"))
+    fig.update_layout(template="plotly_white", height=420, margin={"t": 60, "r": 20, "b": 50, "l": 70},
+                      title="Final eval loss against the learning rate<br><sub>mean over seeds with 95 % CI; "
+                            "star: each initializer's best lr</sub>",
+                      xaxis={"type": "log", "title": "learning rate"}, yaxis_title="final eval loss")
+    return fig
+
+
+def magnitude_scatter(summary: pd.DataFrame, relation: pd.DataFrame) -> go.Figure:
+    """Every run: final update magnitude Σ‖ΔW‖_F against final eval loss (the LoRAM paper's
+    thesis that magnitude drives convergence), colour: initializer, symbol: learning rate."""
+    symbols = ["circle", "square", "diamond", "triangle-up", "x", "cross"]
+    lrs = sorted(summary["lr"].unique())
+    ok = summary.dropna(subset=["final_update_norm", "final_eval_loss"])
+    fig = go.Figure()
+    for (name, lr), g in ok.groupby(["initializer", "lr"]):
+        fig.add_trace(go.Scatter(
+            x=g["final_update_norm"], y=g["final_eval_loss"], mode="markers", name=f"{name} {_lr_label(lr)}",
+            legendgroup=name, marker={"color": color(name), "symbol": symbols[lrs.index(lr) % len(symbols)], "size": 9},
+            customdata=g["seed"], hovertemplate=f"<b>{name}</b> {_lr_label(lr)} seed %{{customdata}}<br>"
+                                                "Σ‖ΔW‖_F %{x:.4g}<br>final eval loss %{y:.4f}<extra></extra>"))
+    overall = relation[relation["lr"] == "all"] if not relation.empty else relation
+    sub = ""
+    if not overall.empty and pd.notna(overall["spearman_rho"].iloc[0]):
+        sub = (f"Spearman ρ = {overall['spearman_rho'].iloc[0]:+.2f} over {int(overall['runs'].iloc[0])} runs "
+               f"(p = {overall['p_value'].iloc[0]:.2g}); within each lr in the table below")
+    fig.update_layout(template="plotly_white", height=460, margin={"t": 70, "r": 20, "b": 50, "l": 70},
+                      title=f"Update magnitude against eval loss, every run<br><sub>{sub}</sub>",
+                      xaxis={"type": "log", "title": "final Σ‖W_eff(T) − W_eff(0)‖_F"}, yaxis_title="final eval loss")
     return fig
 
 

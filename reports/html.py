@@ -99,6 +99,64 @@ def _section(anchor: str, title: str, *parts: str) -> str:
     return f'<h2 id="{anchor}">{html.escape(title)}</h2>' + "".join(parts)
 
 
+VERDICT_COLUMNS = ["rank", "initializer", "lr", "seeds", "diverged", "final_eval_mean", "final_eval_ci_low",
+                   "final_eval_ci_high", "eval_auc_mean", "best_diff_mean", "best_diff_ci_low", "best_diff_ci_high",
+                   "best_p_value", "best_p_holm", "trainable_params", "step0_eval_loss_change", "init_seconds",
+                   "stats_seconds", "final_update_norm_mean"]
+GRID_COLUMNS = ["initializer", "lr", "seeds", "diverged", "final_eval_mean", "final_eval_ci_low", "final_eval_ci_high",
+                "eval_auc_mean", "eval_auc_ci_low", "eval_auc_ci_high", "diff_mean", "diff_ci_low", "diff_ci_high",
+                "p_value", "p_holm", "is_best_lr", "final_update_norm_mean"]
+RUN_COLUMNS = ["initializer", "lr", "seed", "alpha", "use_rslora", "trainable_params", "init_seconds", "stats_seconds",
+               "stats_derived", "stats_peak_cpu_extra_bytes", "step0_shift_norm", "step0_delta_rel_norm",
+               "step0_eval_loss_change", "final_train_loss", "final_eval_loss", "eval_auc", "final_update_norm",
+               "diverged_step", "mean_step_s"]
+
+
+def _loss_section(data) -> str:
+    """The loss benchmark: configuration, the verdict (sentences and table), bands over seeds,
+    the best-lr panel, the magnitude–loss scatter, and every run."""
+    s = data.loss_summary
+    config = s.iloc[-1]
+    lrs = ", ".join(f"{v:g}" for v in sorted(s["lr"].unique())) if "lr" in s else ""
+    seeds = sorted(s["seed"].unique()) if "seed" in s else []
+    scaling = config.get("scaling_mode", "shared")
+    meta = (f"<p class='note'>{html.escape(str(config.get('model')))}, data {html.escape(str(config.get('data')))} "
+            f"(sha256 {str(config.get('data_sha256'))[:12]}…), {config.get('steps')} steps of "
+            f"{config.get('batch_size')} x {config.get('seq_len')} tokens, r={config.get('rank')}, scaling "
+            f"{html.escape(str(scaling))} (alpha {config.get('alpha')}), AdamW at lr {lrs}, seeds {seeds}, "
+            f"{config.get('device')} {config.get('dtype')} (autocast {html.escape(str(config.get('autocast', 'none')))}); "
+            f"eval every {config.get('eval_every', '?')} steps on the same {config.get('eval_blocks')} held-out blocks; "
+            f"base-model eval loss {config.get('base_eval_loss'):.4f}. For one seed, every initializer trains on "
+            "the same batches in the same order, so differences are paired over seeds.</p>")
+    if data.other_loss_configs:
+        meta += (f"<p class='note'>loss.jsonl also holds {data.other_loss_configs} other configuration(s); only the "
+                 "latest is shown (loss_stats.csv has all).</p>")
+    trainable = ({r["initializer"]: int(r["trainable_params"]) for r in s.to_dict("records")
+                  if pd.notna(r.get("trainable_params"))} if "trainable_params" in s else {})
+    parts = [meta]
+    verdict = data.loss_verdict
+    if verdict is not None:
+        parts.append("<h3>Verdict</h3><ul class='verdict'>" + "".join(
+            f"<li>{html.escape(text)}</li>" for text in verdict.sentences.values()) + "</ul>")
+        parts.append("<p class='note'>± is the half-width of a 95 % Student-t interval over seeds of the paired "
+                     f"difference to {html.escape(verdict.reference or 'the reference')}; p is the paired t-test's, "
+                     "Holm-adjusted over the initializers (p_holm). Initializers share a rank where no paired "
+                     "interval separates them. A best lr is picked on the same seeds it is scored on, which flatters "
+                     "it; with 3 seeds only differences several times the seed spread are resolved.</p>")
+        parts.append(table_html(verdict.best, VERDICT_COLUMNS))
+        parts.append(_figure(figures.best_lr(verdict.table)))
+    parts.append(_figure(figures.loss_bands(data.loss, "eval_loss", "Held-out eval loss", "eval loss", trainable)))
+    parts.append(_figure(figures.loss_bands(data.loss, "train_loss", "Train loss per step", "train loss", trainable)))
+    parts.append(_figure(figures.loss_bands(data.loss, "update_norm", "Update magnitude Σ‖W_eff(t) − W_eff(0)‖_F",
+                                            "Σ ‖ΔW‖_F", trainable)))
+    if verdict is not None:
+        parts.append(_figure(figures.magnitude_scatter(s, verdict.magnitude)))
+        parts.append(table_html(verdict.magnitude))
+        parts.append("<h3>Every learning rate</h3>" + table_html(verdict.table, GRID_COLUMNS))
+    parts.append("<h3>Every run</h3>" + table_html(s, RUN_COLUMNS))
+    return "".join(parts)
+
+
 def build_report(results: Path, out: Path, comparison: pd.DataFrame | None = None, title: str = "loram-bench report",
                  speedup_reference: str = SPEEDUP_REFERENCE) -> Path:
     """Write the report of a results folder (or an init.jsonl) to ``out``; return its path.
@@ -214,24 +272,7 @@ def render_sections(data: ResultSet, comparison: pd.DataFrame | None,
         sections.append(("rows", "All init rows", cuda_note + table_html(init, ROW_COLUMNS, classes=_status_classes(init))
                          + _metric_legend()))
     if not data.loss.empty:
-        s = data.loss_summary
-        config = s.iloc[0]
-        meta = (f"<p class='note'>{html.escape(str(config.get('model')))}, data {html.escape(str(config.get('data')))} "
-                f"(sha256 {str(config.get('data_sha256'))[:12]}…), {config.get('steps')} steps of "
-                f"{config.get('batch_size')} x {config.get('seq_len')} tokens, r={config.get('rank')}, "
-                f"alpha={config.get('alpha')}, lr={config.get('lr')}, seed {config.get('seed')}, "
-                f"{config.get('device')} {config.get('dtype')}; base-model eval loss {config.get('base_eval_loss'):.4f}.</p>")
-        cols = ["initializer", "trainable_params", "init_seconds", "stats_seconds", "stats_peak_cpu_extra_bytes",
-                "step0_shift_norm", "step0_delta_rel_norm", "step0_eval_loss", "step0_eval_loss_change",
-                "final_train_loss", "final_eval_loss", "final_update_norm", "mean_step_s"]
-        trainable = ({r["initializer"]: int(r["trainable_params"]) for r in s.to_dict("records")
-                      if pd.notna(r.get("trainable_params"))} if "trainable_params" in s else {})
-        sections.append(("loss", "Short-run loss", meta
-                         + _figure(figures.loss_curves(data.loss, "train_loss", "Train loss per step", "train loss", trainable))
-                         + _figure(figures.loss_curves(data.loss, "eval_loss", "Held-out eval loss", "eval loss", trainable))
-                         + _figure(figures.loss_curves(data.loss, "update_norm", "Update magnitude Σ‖W_eff(t) − W_eff(0)‖_F",
-                                                       "Σ ‖ΔW‖_F", trainable))
-                         + table_html(s, cols)))
+        sections.append(("loss", "Short-run loss", _loss_section(data)))
     if not data.history.empty:
         sections.append(("history", "History", _figure(figures.history_trend(data.history))))
     env_source = init if not init.empty else data.loss_summary

@@ -16,6 +16,7 @@ import pandas as pd
 from bench import costlaw
 from bench.catalog import read_catalog
 from bench.identity import family, view, view_label
+from bench.loss.verdict import LossVerdict, verdict_for
 from bench.results import read_rows, to_frame
 from bench.schema import FAILURES, SKIPPED
 from bench.shapes import LayerShape
@@ -28,6 +29,10 @@ class ResultSet:
     loss_summary: pd.DataFrame
     history: pd.DataFrame
     catalog: dict[str, list[LayerShape]] = field(default_factory=dict)
+    #: the verdict over seeds of the loss configuration shown (``bench.loss.verdict``)
+    loss_verdict: LossVerdict | None = None
+    #: how many other loss configurations the folder holds (not shown; their rows stay in loss.jsonl)
+    other_loss_configs: int = 0
 
 
 def _load_rows(path: Path) -> list[dict]:
@@ -52,12 +57,23 @@ def load_results(results: Path) -> ResultSet:
         # steps of a run count only once its summary was written (a run cut off mid-write is redone)
         finished = set(summary["run_uid"].dropna())
         loss = loss[loss["run_uid"].isna() | loss["run_uid"].isin(finished)]
-    if not summary.empty:  # the latest configuration only: curves are comparable within one
+    for frame in (loss, summary):  # rows written without a per-run lr or seed read as one unknown lr, seed 0
+        if not frame.empty:
+            for column, default in (("lr", float("nan")), ("seed", 0)):
+                if column not in frame:
+                    frame[column] = default
+    verdict, others = None, 0
+    if not summary.empty:  # the latest configuration only: runs are comparable within one
         latest = summary["config_key"].iloc[-1]
-        summary = summary[summary["config_key"] == latest].drop_duplicates("initializer", keep="last")
-        loss = loss[loss["config_key"] == latest].drop_duplicates(["initializer", "step"], keep="last")
+        others = summary["config_key"].nunique() - 1
+        run = [c for c in ("initializer", "lr", "seed") if c in summary]
+        summary = summary[summary["config_key"] == latest].drop_duplicates(run, keep="last")
+        loss = loss[loss["config_key"] == latest].drop_duplicates([c for c in run if c in loss] + ["step"], keep="last")
+        if {"lr", "seed", "final_eval_loss"} <= set(summary.columns):
+            verdict = verdict_for(summary)
     history = pd.DataFrame(_load_rows(folder / "history.jsonl"))
-    return ResultSet(init=init, loss=loss, loss_summary=summary, history=history, catalog=read_catalog(folder))
+    return ResultSet(init=init, loss=loss, loss_summary=summary, history=history, catalog=read_catalog(folder),
+                     loss_verdict=verdict, other_loss_configs=others)
 
 
 def cost_laws(init: pd.DataFrame) -> pd.DataFrame:

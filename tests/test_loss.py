@@ -169,7 +169,7 @@ def test_data_errors(tmp_path):
 def test_bad_config_is_rejected(tmp_path, corpus_file):
     with pytest.raises(ValueError, match="unknown initializer 'olora'"):
         run_loss(_config(corpus_file, initializers=["olora"]), tmp_path, progress=False, source=tiny_llama_source())
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="--steps must be an integer >= 1"):
         run_loss(_config(corpus_file, steps=0), tmp_path, progress=False, source=tiny_llama_source())
 
 
@@ -178,7 +178,7 @@ def test_cli_loss_saves_loadable_adapters(tmp_path, corpus_file):
 
     config = _config(corpus_file, initializers=["loram_dst"], save_adapters=tmp_path / "adapters")
     rows = run_loss(config, tmp_path / "res", progress=False, source=tiny_llama_source())
-    folder = tmp_path / "adapters" / "loram_dst"
+    folder = tmp_path / "adapters" / "loram_dst-lr0.001-seed0"
     assert (folder / "adapter_config.json").is_file() and (folder / "residual_base.safetensors").is_file()
     base, _ = tiny_llama_source().load()
     residual = load_file(folder / "residual_base.safetensors")

@@ -68,7 +68,7 @@ def test_one_colour_per_initializer_in_every_chart(tmp_path):
     laws = cost_laws(data.init)
     table = cells(data.init, laws)
     charts = [figures.init_time(table, laws), figures.memory(table),
-              figures.loss_curves(table.assign(step=1, eval_loss=1.0), "eval_loss", "t", "y")]
+              figures.loss_bands(table.assign(step=1, eval_loss=1.0, lr=1e-3, seed=0), "eval_loss", "t", "y")]
     for fig in charts:
         for trace in fig.data:
             name = (trace.name or "").split(" ")[0]
@@ -92,8 +92,8 @@ def test_totals_open_on_a_measured_model_and_count_failed_cells(tmp_path):
 def test_loss_figures_say_how_many_parameters_train():
     import pandas as pd
 
-    loss = pd.DataFrame([{"initializer": n, "step": 1, "eval_loss": 2.0} for n in ("lora_sb", "noise_zeros")])
-    fig = figures.loss_curves(loss, "eval_loss", "t", "y", {"lora_sb": 13_440, "noise_zeros": 2_442_240})
+    loss = pd.DataFrame([{"initializer": n, "step": 1, "eval_loss": 2.0, "lr": 1e-3, "seed": 0} for n in ("lora_sb", "noise_zeros")])
+    fig = figures.loss_bands(loss, "eval_loss", "t", "y", {"lora_sb": 13_440, "noise_zeros": 2_442_240})
     assert {t.name for t in fig.data} == {"lora_sb (0.0134 M trainable)", "noise_zeros (2.44 M trainable)"}
 
 

@@ -5,6 +5,7 @@ rewrite the base weights must each start from the same pretrained weights.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
@@ -52,10 +53,17 @@ class ModelSource:
     loader: Callable[[], tuple[Any, Any]]
     meta: dict[str, Any] = field(default_factory=dict)
     _tokenizer: Any = None
+    _pristine: Any = None
 
     def load(self, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-        model, tok = self.loader()
-        self._tokenizer = self._tokenizer or tok
+        """A fresh model (and the tokenizer). The first call reads the files; later calls copy
+        the pristine model kept in memory (a deep copy: ~0.2 s instead of ~1 s from disk for
+        SmolLM2, and no tokenizer reload)."""
+        if self._pristine is None:
+            model, tok = self.loader()
+            self._tokenizer = self._tokenizer or tok
+            self._pristine = model
+        model = copy.deepcopy(self._pristine)
         return model.to(device=device, dtype=dtype).train(), self._tokenizer
 
 

@@ -33,6 +33,9 @@ from ..suites import LOSS_REFERENCE
 
 CONFIDENCE = 0.95
 STATS_FILE = "loss_stats.csv"
+#: summary columns a verdict reads but that rows of an older release may not have
+OPTIONAL_COLUMNS = ("diverged_step", "eval_auc", "final_update_norm", "trainable_params", "step0_eval_loss_change",
+                    "init_seconds", "stats_seconds", "timestamp")
 
 
 @dataclass(frozen=True)
@@ -144,21 +147,24 @@ def verdict_for(summary: pd.DataFrame, reference: str = LOSS_REFERENCE) -> LossV
     if len(keys) != 1:
         raise ValueError(f"verdict_for needs the rows of one configuration, got {len(keys)} config keys")
     summary = summary.copy()
-    summary["diverged_step"] = summary.get("diverged_step", pd.Series(0, index=summary.index)).fillna(0)
+    for column in OPTIONAL_COLUMNS:  # rows of older releases lack some; they read as unknown
+        if column not in summary:
+            summary[column] = math.nan
+    summary["diverged_step"] = summary["diverged_step"].fillna(0)
     has_reference = reference in set(summary["initializer"])
     records: list[dict[str, Any]] = []
     final: dict[tuple[str, float], dict[int, float]] = {}
     for (name, lr), g in summary.groupby(["initializer", "lr"], sort=True):
         final[(name, lr)] = _by_seed(g, "final_eval_loss")
         loss = Interval.of(list(final[(name, lr)].values()))
-        auc = Interval.of(list(_by_seed(g, "eval_auc").values())) if "eval_auc" in g else Interval.of([])
+        auc = Interval.of(list(_by_seed(g, "eval_auc").values()))
         record = {
             "config_key": keys[0], "initializer": name, "lr": float(lr), "seeds": int(g["seed"].nunique()),
             "diverged": int((g["diverged_step"] > 0).sum()),
             "final_eval_mean": loss.mean, "final_eval_ci_low": loss.low, "final_eval_ci_high": loss.high,
             "eval_auc_mean": auc.mean, "eval_auc_ci_low": auc.low, "eval_auc_ci_high": auc.high,
             "final_update_norm_mean": float(g["final_update_norm"].mean()),
-            "trainable_params": int(g["trainable_params"].median()),
+            "trainable_params": float(g["trainable_params"].median()),
             "step0_eval_loss_change": float(g["step0_eval_loss_change"].mean()),
             "init_seconds": float(g["init_seconds"].median()),
             "stats_seconds": float(g["stats_seconds"].median()),
@@ -270,7 +276,8 @@ def verdicts(rows: list[dict[str, Any]], reference: str = LOSS_REFERENCE) -> lis
     frame = summaries(rows)
     if frame.empty:
         return []
-    order = frame.groupby("config_key")["timestamp"].max().sort_values(ascending=False).index
+    stamps = frame["timestamp"] if "timestamp" in frame else pd.Series("", index=frame.index)
+    order = stamps.fillna("").astype(str).groupby(frame["config_key"]).max().sort_values(ascending=False).index
     return [verdict_for(frame[frame["config_key"] == key], reference) for key in order]
 
 
