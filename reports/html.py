@@ -118,7 +118,7 @@ def _loss_section(data) -> str:
     s = data.loss_summary
     config = s.iloc[-1]
     lrs = ", ".join(f"{v:g}" for v in sorted(s["lr"].unique())) if "lr" in s else ""
-    seeds = sorted(s["seed"].unique()) if "seed" in s else []
+    seeds = ", ".join(str(int(v)) for v in sorted(s["seed"].unique())) if "seed" in s else ""
     scaling = config.get("scaling_mode", "shared")
     meta = (f"<p class='note'>{html.escape(str(config.get('model')))}, data {html.escape(str(config.get('data')))} "
             f"(sha256 {str(config.get('data_sha256'))[:12]}…), {config.get('steps')} steps of "
@@ -145,9 +145,13 @@ def _loss_section(data) -> str:
                      "it; with 3 seeds only differences several times the seed spread are resolved.</p>")
         parts.append(table_html(verdict.best, VERDICT_COLUMNS))
         parts.append(_figure(figures.best_lr(verdict.table)))
-    parts.append(_figure(figures.loss_bands(data.loss, "eval_loss", "Held-out eval loss", "eval loss", trainable)))
+    curves = data.loss
+    if "step0_eval_loss" in s and {"lr", "seed"} <= set(s.columns):  # every eval curve starts at its step-0 eval
+        start = s[["initializer", "lr", "seed", "step0_eval_loss"]].rename(columns={"step0_eval_loss": "eval_loss"})
+        curves = pd.concat([start.assign(step=0, update_norm=0.0), data.loss], ignore_index=True)
+    parts.append(_figure(figures.loss_bands(curves, "eval_loss", "Held-out eval loss", "eval loss", trainable)))
     parts.append(_figure(figures.loss_bands(data.loss, "train_loss", "Train loss per step", "train loss", trainable)))
-    parts.append(_figure(figures.loss_bands(data.loss, "update_norm", "Update magnitude Σ‖W_eff(t) − W_eff(0)‖_F",
+    parts.append(_figure(figures.loss_bands(curves, "update_norm", "Update magnitude Σ‖W_eff(t) − W_eff(0)‖_F",
                                             "Σ ‖ΔW‖_F", trainable)))
     if verdict is not None:
         parts.append(_figure(figures.magnitude_scatter(s, verdict.magnitude)))
