@@ -201,7 +201,7 @@ def test_ctrl_c_stops_cleanly_with_one_line_and_a_resumable_folder(tmp_path):
                                                  "num_hidden_layers": 1, "num_attention_heads": 4,
                                                  "num_key_value_heads": 2, "vocab_size": 100}))
     argv = [sys.executable, "-m", "bench.cli", "run", "--preset", str(cfg), "--initializers", "pissa", "loram_dst",
-            "--rank", "4", "--values", "200", "--value-budget", "1000", "--processes", "1", "--threads", "1",
+            "--rank", "4", "--values", "1000000", "--value-budget", "4", "--processes", "1", "--threads", "1",
             "--out", str(out), "--no-progress"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
