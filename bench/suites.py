@@ -104,8 +104,8 @@ class LossSuite:
 
 
 #: The quick suite's loss part: its initializers x 3 seeds at lr 1e-3, 25 steps
-#: (12 runs, about 6 minutes on 2 cores with bf16 autocast).
+#: (12 runs: 425 s measured on 2 cores with bf16 autocast).
 QUICK_LOSS = LossSuite(tuple(DEFAULT_LOSS_INITIALIZERS), lrs=(1e-3,), seeds=(0, 1, 2), steps=25)
 #: ``loram-bench full``: every initializer x 3 learning rates x 3 seeds x 40 steps
-#: (72 runs, about 55 minutes on 2 cores with bf16 autocast).
+#: (72 runs: 3825 s measured on 2 cores with bf16 autocast, over its 60-minute target).
 FULL_LOSS = LossSuite(tuple(sorted(loram_ref.INITIALIZERS)), lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), steps=40)

@@ -203,7 +203,10 @@ def test_ctrl_c_stops_cleanly_with_one_line_and_a_resumable_folder(tmp_path):
     argv = [sys.executable, "-m", "bench.cli", "run", "--preset", str(cfg), "--initializers", "pissa", "loram_dst",
             "--rank", "4", "--values", "1000000", "--value-budget", "4", "--processes", "1", "--threads", "1",
             "--out", str(out), "--no-progress"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a test run started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and Python then never raises Ctrl-C
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (out / "init.jsonl").is_file() and time.monotonic() < deadline:
         time.sleep(0.1)
