@@ -207,7 +207,9 @@ def _rgba(hex_color: str, alpha: float) -> str:
 
 
 def _lr_label(lr: float) -> str:
-    return f"lr {lr:.0e}".replace("e-0", "e-")
+    from bench.loss.verdict import lr_text
+
+    return f"lr {lr_text(lr)}"
 
 
 def loss_bands(loss: pd.DataFrame, metric: str, title: str, ytitle: str, trainable: dict[str, int] | None = None) -> go.Figure:

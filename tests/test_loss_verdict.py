@@ -135,3 +135,9 @@ def test_rows_of_several_configurations_are_refused_by_verdict_for():
     rows = _rows({"noise_zeros": 0.0}) + [{**r, "config_key": "other"} for r in _rows({"noise_zeros": 0.0})]
     with pytest.raises(ValueError, match="one configuration"):
         verdict_for(pd.DataFrame(rows))
+
+
+def test_learning_rates_print_without_losing_digits():
+    from bench.loss.verdict import lr_text
+
+    assert [lr_text(v) for v in (3e-4, 1e-3, 1.5e-3, 2.5e-4)] == ["3e-4", "1e-3", "1.5e-3", "2.5e-4"]

@@ -216,8 +216,12 @@ def verdict_for(summary: pd.DataFrame, reference: str = LOSS_REFERENCE) -> LossV
     return verdict
 
 
-def _lr(value: float) -> str:
-    return f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
+def lr_text(value: float) -> str:
+    """A learning rate as people write it: 3e-4, 1.5e-3 (no precision lost, no padding)."""
+    if not math.isfinite(value):
+        return str(value)
+    mantissa, exponent = f"{value:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def sentence(table: pd.DataFrame, name: str, reference: str) -> str:
@@ -229,7 +233,7 @@ def sentence(table: pd.DataFrame, name: str, reference: str) -> str:
     cost = f"{row['init_seconds']:.2f} s init" + (f" + {row['stats_seconds']:.1f} s statistics pass"
                                                     if row["stats_seconds"] > 0 else "")
     seeds = f"{int(row['seeds'])} seed{'s' if row['seeds'] != 1 else ''}"
-    head = f"{name} (rank {row['rank']}): eval loss {row['final_eval_mean']:.3f} at its best lr {_lr(row['lr'])}"
+    head = f"{name} (rank {row['rank']}): eval loss {row['final_eval_mean']:.3f} at its best lr {lr_text(row['lr'])}"
     if name == reference:
         return f"{head}, {seeds}; the reference; {cost}."
     if math.isnan(row["best_diff_mean"]):
@@ -238,13 +242,13 @@ def sentence(table: pd.DataFrame, name: str, reference: str) -> str:
     ref_lr = table[(table["initializer"] == reference) & table["is_best_lr"]]["lr"]
     diff = f"{row['best_diff_mean']:+.3f}"
     if math.isnan(row["best_diff_ci_low"]):
-        return (f"{head}: {diff} vs {reference} (at {_lr(ref_lr.iloc[0])}) on one seed: no interval, no verdict; {cost}.")
+        return (f"{head}: {diff} vs {reference} (at {lr_text(ref_lr.iloc[0])}) on one seed: no interval, no verdict; {cost}.")
     half = (row["best_diff_ci_high"] - row["best_diff_ci_low"]) / 2
     p = row["best_p_holm"]
     # resolved: Holm-adjusted p below 1 − CONFIDENCE (the CI where no p exists: no spread)
     resolved = p < 1 - CONFIDENCE if not math.isnan(p) else (row["best_diff_ci_high"] < 0 or row["best_diff_ci_low"] > 0)
     judgement = ("better than" if row["best_diff_mean"] < 0 else "worse than") if resolved else "not distinguishable from"
-    return (f"{head}: {diff} ± {half:.3f} eval loss vs {reference} at its best lr {_lr(ref_lr.iloc[0])}, "
+    return (f"{head}: {diff} ± {half:.3f} eval loss vs {reference} at its best lr {lr_text(ref_lr.iloc[0])}, "
             f"p = {p:.2g} (Holm), {seeds}: {judgement} {reference}; {cost}.")
 
 
@@ -252,7 +256,7 @@ def magnitude_relation(summary: pd.DataFrame) -> pd.DataFrame:
     """Spearman's ρ between the final update magnitude Σ‖ΔW‖_F and the final eval loss over
     all finished runs, and within each lr (the LoRAM paper's thesis: magnitude drives the loss)."""
     ok = summary[(summary["diverged_step"] == 0) & summary["final_eval_loss"].notna() & summary["final_update_norm"].notna()]
-    groups = [("all", ok)] + [(_lr(lr), g) for lr, g in ok.groupby("lr")]
+    groups = [("all", ok)] + [(lr_text(lr), g) for lr, g in ok.groupby("lr")]
     records = []
     for label, g in groups:
         if len(g) >= 3 and g["final_update_norm"].nunique() > 1 and g["final_eval_loss"].nunique() > 1:
