@@ -110,11 +110,12 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _loss_config(args, **overrides):
+def _loss_config(args):
+    """The ``loss`` command's grid (``run_loss`` validates it before loading anything)."""
     from .loss.run import LossConfig
 
     _check_device(args.device)
-    config = LossConfig(
+    return LossConfig(
         initializers=args.initializers, seeds=args.seeds, lrs=args.lrs, steps=args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, rank=args.rank, alpha=args.alpha, scaling=args.scaling, eval_every=args.eval_every,
         eval_blocks=args.eval_blocks, device=args.device, dtype=args.dtype, autocast=args.autocast,
@@ -122,10 +123,6 @@ def _loss_config(args, **overrides):
         da_samples=args.da_samples, save_adapters=args.save_adapters,
         options=_init_options(args.init_option, args.initializers),
     )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.validate()
-    return config
 
 
 def _print_verdict(rows, out: Path) -> None:

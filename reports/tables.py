@@ -66,10 +66,10 @@ def load_results(results: Path) -> ResultSet:
     if not summary.empty:  # the latest configuration only: runs are comparable within one
         latest = summary["config_key"].iloc[-1]
         others = summary["config_key"].nunique() - 1
-        run = [c for c in ("initializer", "lr", "seed") if c in summary]
+        run = ["initializer", "lr", "seed"]
         summary = summary[summary["config_key"] == latest].drop_duplicates(run, keep="last")
-        loss = loss[loss["config_key"] == latest].drop_duplicates([c for c in run if c in loss] + ["step"], keep="last")
-        if {"lr", "seed", "final_eval_loss"} <= set(summary.columns):
+        loss = loss[loss["config_key"] == latest].drop_duplicates([*run, "step"], keep="last")
+        if "final_eval_loss" in summary:
             verdict = verdict_for(summary)
     history = pd.DataFrame(_load_rows(folder / "history.jsonl"))
     return ResultSet(init=init, loss=loss, loss_summary=summary, history=history, catalog=read_catalog(folder),

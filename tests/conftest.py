@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import loram_ref
+
+#: The loss benchmark's test text: enough blocks of 16-32 tokens for a tiny model.
+TEXT = " ".join(f"line {i}: the quick brown fox {i % 7} jumps over {i % 11} lazy dogs." for i in range(400))
+
+
+@pytest.fixture()
+def corpus_file(tmp_path):
+    """:data:`TEXT` as a local ``--data`` file."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
 
 SHAPES = {"tall": (96, 48), "wide": (40, 112), "square": (64, 64)}
 DTYPES = [torch.float32, torch.bfloat16]

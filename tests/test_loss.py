@@ -18,14 +18,7 @@ from bench.loss.model import TARGETS, tiny_llama_source  # noqa: E402
 from bench.loss.run import LossConfig, run_loss  # noqa: E402
 from bench.schema import SCHEMA_VERSION  # noqa: E402
 
-TEXT = " ".join(f"line {i}: the quick brown fox {i % 7} jumps over {i % 11} lazy dogs." for i in range(400))
-
-
-@pytest.fixture()
-def corpus_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return path
+from .conftest import TEXT  # noqa: E402
 
 
 def _config(corpus_file, **kw):

@@ -23,15 +23,6 @@ from bench.loss.verdict import STATS_FILE, verdicts  # noqa: E402
 from loram_ref import CollectContext  # noqa: E402
 from loram_ref.collect import collect_lora_sb  # noqa: E402
 
-TEXT = " ".join(f"line {i}: the quick brown fox {i % 7} jumps over {i % 11} lazy dogs." for i in range(400))
-
-
-@pytest.fixture()
-def corpus_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return path
-
 
 def _config(corpus_file, **kw):
     base = dict(initializers=["noise_zeros", "lora_sb"], seeds=[0, 1], lrs=[1e-3, 3e-3], steps=4, batch_size=2,

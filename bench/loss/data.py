@@ -71,6 +71,11 @@ class Blocks:
         idx = torch.arange(step * batch_size, (step + 1) * batch_size) % n
         return self.train[self.order[idx]]
 
+    def for_seed(self, seed: int) -> "Blocks":
+        """The same train and eval blocks, the train order drawn from ``seed``."""
+        order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))
+        return Blocks(train=self.train, eval=self.eval, order=order)
+
 
 #: The eval split never depends on the run's seed: every run of every seed is scored on
 #: the same held-out blocks, so seeds vary only the training order (and statistics samples).
@@ -89,6 +94,5 @@ def make_blocks(ids: list[int], seq_len: int, seed: int, eval_fraction: float = 
     data = torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
     perm = torch.randperm(count, generator=torch.Generator().manual_seed(SPLIT_SEED))
     n_eval = max(1, min(max_eval, int(count * eval_fraction)))
-    eval_blocks, train_blocks = data[perm[:n_eval]], data[perm[n_eval:]]
-    order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
-    return Blocks(train=train_blocks, eval=eval_blocks, order=order)
+    split = Blocks(train=data[perm[n_eval:]], eval=data[perm[:n_eval]], order=torch.arange(count - n_eval))
+    return split.for_seed(seed)

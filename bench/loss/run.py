@@ -160,9 +160,7 @@ def _collect(kind: StatisticsKind, source: ModelSource, blocks: Blocks, config: 
     lr = config.lrs[0]
     ctx = CollectContext(batch_size=config.batch_size, lr=lr, num_train=len(blocks.train),
                          warmup_ratio=config.sb_warmup_ratio)
-    collected = collect_statistics(kind, model, ids, targets, ctx)
-    del model
-    return _Statistics(collected, lr)
+    return _Statistics(collect_statistics(kind, model, ids, targets, ctx), lr)
 
 
 def _omp_settings() -> dict[str, str]:
@@ -222,7 +220,7 @@ def run_loss(config: LossConfig, out: Path, *, progress: bool = True, source: Mo
     started = time.perf_counter()
     cached: tuple[tuple[str, int], _Statistics] | None = None
     for index, (seed, name, lr) in enumerate(pending):
-        blocks = make_blocks(ids, config.seq_len, seed, max_eval=config.eval_blocks)
+        blocks = split.for_seed(seed)
         kind = loram_ref.get_initializer(name).statistics
         statistics = None
         if kind.needed:

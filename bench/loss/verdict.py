@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -173,15 +173,11 @@ def verdict_for(summary: pd.DataFrame, reference: str = LOSS_REFERENCE) -> LossV
         records.append(record)
     table = pd.DataFrame(records)
     # the paired difference to the reference at the same lr
-    for i, row in table.iterrows():
-        ref = final.get((reference, row["lr"]))
-        paired = Paired.of(final[(row["initializer"], row["lr"])], ref) if ref and row["initializer"] != reference else None
-        table.loc[i, "diff_mean"] = paired.diff.mean if paired else math.nan
-        table.loc[i, "diff_ci_low"] = paired.diff.low if paired else math.nan
-        table.loc[i, "diff_ci_high"] = paired.diff.high if paired else math.nan
-        table.loc[i, "p_value"] = paired.p if paired else math.nan
-        table.loc[i, "paired_seeds"] = len(paired.seeds) if paired else 0
-    table["p_holm"] = holm(table["p_value"].tolist())
+    for column in ("diff_mean", "diff_ci_low", "diff_ci_high", "p_value", "paired_seeds", "p_holm"):
+        table[column] = 0 if column == "paired_seeds" else math.nan
+    same_lr = _paired_to_reference(table, table.index, final, reference, lambda row: final.get((reference, row["lr"])))
+    for i, paired in same_lr.items():
+        table.loc[i, "paired_seeds"] = len(paired.seeds)
     # best lr per initializer: lowest mean among lrs where every seed finished
     table["is_best_lr"] = False
     best_lr: dict[str, float] = {}
@@ -197,16 +193,7 @@ def verdict_for(summary: pd.DataFrame, reference: str = LOSS_REFERENCE) -> LossV
     table["rank"] = ""
     ref_best = final.get((reference, best_lr[reference])) if reference in best_lr else None
     best_rows = table[table["is_best_lr"]]
-    p_best = {}
-    for i, row in best_rows.iterrows():
-        if ref_best is None or row["initializer"] == reference:
-            continue
-        paired = Paired.of(final[(row["initializer"], row["lr"])], ref_best)
-        table.loc[i, ["best_diff_mean", "best_diff_ci_low", "best_diff_ci_high", "best_p_value"]] = (
-            paired.diff.mean, paired.diff.low, paired.diff.high, paired.p)
-        p_best[i] = paired.p
-    for i, p in zip(p_best, holm(list(p_best.values()))):
-        table.loc[i, "best_p_holm"] = p
+    _paired_to_reference(table, best_rows.index, final, reference, lambda row: ref_best, prefix="best_")
     at_best = {row["initializer"]: final[(row["initializer"], row["lr"])] for _, row in best_rows.iterrows()}
     for name, rank in tied_ranks(at_best).items():
         table.loc[(table["initializer"] == name) & table["is_best_lr"], "rank"] = rank
@@ -214,6 +201,28 @@ def verdict_for(summary: pd.DataFrame, reference: str = LOSS_REFERENCE) -> LossV
     verdict.sentences = {name: sentence(table, name, reference) for name in sorted(table["initializer"].unique())}
     verdict.magnitude = magnitude_relation(summary)
     return verdict
+
+
+def _paired_to_reference(table: pd.DataFrame, rows: pd.Index, final: dict[tuple[str, float], dict[int, float]],
+                         reference: str, reference_runs: Callable[[pd.Series], dict[int, float] | None],
+                         prefix: str = "") -> dict[Any, Paired]:
+    """For each row of ``rows`` but the reference's own: the paired difference of its runs to
+    ``reference_runs(row)`` (none: no comparison) into ``{prefix}diff_mean``, ``_ci_low``,
+    ``_ci_high`` and ``{prefix}p_value``, and the Holm adjustment over those rows into
+    ``{prefix}p_holm``. Returns the comparisons by row index."""
+    found: dict[Any, Paired] = {}
+    for i in rows:
+        row = table.loc[i]
+        ref = reference_runs(row)
+        if not ref or row["initializer"] == reference:
+            continue
+        paired = Paired.of(final[(row["initializer"], row["lr"])], ref)
+        table.loc[i, [f"{prefix}diff_mean", f"{prefix}diff_ci_low", f"{prefix}diff_ci_high", f"{prefix}p_value"]] = (
+            paired.diff.mean, paired.diff.low, paired.diff.high, paired.p)
+        found[i] = paired
+    for i, p in zip(found, holm([paired.p for paired in found.values()])):
+        table.loc[i, f"{prefix}p_holm"] = p
+    return found
 
 
 def lr_text(value: float) -> str:
