@@ -148,18 +148,71 @@ def cmd_loss(args) -> int:
 
 
 def cmd_full(args) -> int:
+    from .layer.run import run_layer_loss
+    from .layer.verdict import layer_verdict
     from .loss.run import run_loss
-    from .suites import FULL_LOSS
+    from .suites import FULL_LAYER, FULL_LOSS
 
     started = time.perf_counter()
+    layer = FULL_LAYER.config(threads=args.threads)
+    print(f"full suite, layer level: {len(layer.layer_shapes())} shapes x {len(layer.initializers)} initializers x "
+          f"{len(layer.alignments)} alignments x {len(layer.lrs)} lrs x {len(layer.seeds)} seeds x {layer.steps} steps",
+          flush=True)
+    layer_rows = run_layer_loss(layer, args.out, progress=not args.no_progress)
+    print(f"layer level done in {time.perf_counter() - started:.0f} s", flush=True)
     config = FULL_LOSS.config(threads=args.threads)
-    print(f"full suite: {len(config.initializers)} initializers x {len(config.lrs)} lrs x {len(config.seeds)} seeds "
-          f"x {config.steps} steps into {args.out}", flush=True)
+    print(f"full suite, model level: {len(config.initializers)} initializers x {len(config.lrs)} lrs x "
+          f"{len(config.seeds)} seeds x {config.steps} steps into {args.out}", flush=True)
     rows = run_loss(config, args.out, progress=not args.no_progress)
+    _print_layer_verdict(layer_verdict(layer_rows), args.out)
     _print_verdict(rows, args.out)
     path = _write_report(args.out, args.out / "report.html", title="loram-bench full suite")
     print(f"full suite done in {time.perf_counter() - started:.0f} s")
     print(f"report: {path.resolve()}")
+    return 0
+
+
+def _layer_config(args):
+    """The ``layer-loss`` command's grid (validated by ``LayerConfig.tasks`` before any work)."""
+    from .layer.problem import ProblemSpec
+    from .layer.run import LayerConfig
+
+    _check_device(args.device)
+    spec = ProblemSpec(top_directions=args.top_directions, top_strength=args.top_strength,
+                       target_rank=args.target_rank, target_decay=args.target_decay, target_scale=args.target_scale,
+                       input_spectrum=args.input_spectrum)
+    return LayerConfig(
+        presets=args.preset or [], shapes=args.shapes or [], initializers=args.initializers, alignments=args.alignment,
+        seeds=args.seeds, lrs=args.lrs, steps=args.steps, rank=args.rank, alpha=args.alpha, scaling=args.scaling,
+        gradients=args.gradients, batch_size=args.batch_size, sb_samples=args.sb_samples, da_tokens=args.da_tokens,
+        spec=spec, device=args.device, threads=args.threads, init_limit_s=args.init_limit, limit_s=args.limit,
+        memory_limit_bytes=args.memory_limit, options=_init_options(args.init_option, args.initializers),
+    )
+
+
+def _print_layer_verdict(verdict, out: Path) -> None:
+    from .layer.verdict import FINDINGS_FILE, STATS_FILE
+
+    if verdict is None:
+        return
+    print(f"layer-loss findings ({out / FINDINGS_FILE}; per shape and alignment: {out / STATS_FILE}):")
+    for finding in verdict.findings:
+        print(f"  {finding.text}")
+    if not verdict.findings:
+        print("  none: the size finding needs >= 2 shapes, the alignment finding the aligned and random alignments, "
+              "both the reference noise_zeros")
+
+
+def cmd_layer_loss(args) -> int:
+    from .layer.run import run_layer_loss
+    from .layer.verdict import layer_verdict
+
+    started = time.perf_counter()
+    rows = run_layer_loss(_layer_config(args), args.out, progress=not args.no_progress)
+    _print_layer_verdict(layer_verdict(rows), args.out)
+    print(f"layer-loss done in {time.perf_counter() - started:.0f} s; rows in {args.out / 'layer_loss.jsonl'}")
+    if args.report:
+        return _report(args.out, args.out / "report.html")
     return 0
 
 
@@ -233,8 +286,10 @@ def cmd_quick(args) -> int:
     started = time.perf_counter()
     run_quick(args.out, progress=not args.no_progress, skip_loss=args.skip_loss, baseline=args.baseline)
     if not args.skip_loss:
+        from .layer.verdict import layer_verdict
         from .results import read_rows
 
+        _print_layer_verdict(layer_verdict(read_rows(args.out / "layer_loss.jsonl")), args.out)
         _print_verdict(read_rows(args.out / "loss.jsonl"), args.out)
     path = _write_report(args.out, args.out / "report.html")
     print(f"quick suite done in {time.perf_counter() - started:.0f} s")
@@ -313,7 +368,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_run_args(p)
     p.set_defaults(func=cmd_loss)
 
-    p = sub.add_parser("full", help="the full loss suite of `tox -e bench-full`: all initializers x 3 lrs x 3 seeds, report")
+    p = sub.add_parser("layer-loss", help="short training of each initializer on a synthetic layer task at every "
+                                          "layer shape (up to 70B), per alignment, lr and seed, and its verdict")
+    p.add_argument("--preset", action="append", help="preset, config.json or model folder (repeatable): its unique shapes")
+    p.add_argument("--shapes", nargs="+", type=parse_shape, metavar="MxN", help="layer shapes d_out x d_in, e.g. 28672x8192")
+    p.add_argument("--initializers", nargs="+", choices=names, default=list(DEFAULT_LOSS_INITIALIZERS))
+    p.add_argument("--alignment", nargs="+", choices=["aligned", "random", "bottom"], default=["random"],
+                   help="where the target update lives: W's top singular subspace, a random one, or W's bottom (null) directions")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S",
+                   help="each seed draws its own W, target and inputs, shared by every initializer (paired)")
+    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3], metavar="LR", help="learning rates (AdamW, constant)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: the rank, s = 1)")
+    p.add_argument("--scaling", choices=["shared", "published"], default="shared")
+    p.add_argument("--gradients", choices=["exact", "sampled"], default="exact",
+                   help="exact expectations over the inputs, or mini-batches of --batch-size sampled inputs")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--sb-samples", type=int, default=8, help="inputs of LoRA-SB's gradient pass")
+    p.add_argument("--da-tokens", type=int, default=0, help="sampled inputs of LoRA-DA's K-FAC pass (0: 2·d_in)")
+    p.add_argument("--top-directions", type=int, default=32, help="singular values of W above its bulk")
+    p.add_argument("--top-strength", type=float, default=4.0, help="σ_1 = edge·(1 + this), σ_i = edge·(1 + this/i)")
+    p.add_argument("--target-rank", type=int, default=16, help="rank k of the target update")
+    p.add_argument("--target-decay", type=float, default=1.0, help="the target's singular values decay as j^-this")
+    p.add_argument("--target-scale", type=float, default=0.05, help="‖ΔW*‖_F as a fraction of ‖W‖_F")
+    p.add_argument("--input-spectrum", choices=["isotropic", "decaying"], default="isotropic")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--init-limit", type=float, default=60.0,
+                   help="seconds an init may be predicted to take; beyond: PiSSA from the known SVD, others skipped")
+    p.add_argument("--limit", type=float, default=600.0, help="seconds per run before its worker is killed")
+    p.add_argument("--memory-limit", type=parse_size, default=None, metavar="SIZE", help="cap each worker's extra memory")
+    p.add_argument("--init-option", action="append", metavar="NAME.KEY=VALUE", help="an initializer keyword (repeatable)")
+    p.add_argument("--report", action="store_true", help="write report.html afterwards")
+    _add_common_run_args(p)
+    p.set_defaults(func=cmd_layer_loss)
+
+    p = sub.add_parser("full", help="the full loss suites of `tox -e bench-full`: the layer task at every 7B and 70B "
+                                    "shape, and the model-level grid (all initializers x 3 lrs x 3 seeds), report")
     p.add_argument("--threads", type=int, default=0)
     _add_common_run_args(p)
     p.set_defaults(func=cmd_full)

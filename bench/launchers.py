@@ -36,19 +36,25 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_WAIT_POLICY": "PASSIVE", "
 
 @dataclass
 class Outcome:
-    """What a launch produced: ``run`` when ``status`` is ok, else the ``reason`` (and the
-    worker's ``phase`` where it reported one)."""
+    """What a launch produced: ``run`` when ``status`` is ok (a :class:`ProcessRun`, or what
+    the launcher's ``decode`` made of the message), else the ``reason`` (and the worker's
+    ``phase`` where it reported one)."""
 
     status: str
-    run: ProcessRun | None = None
+    run: Any = None
     reason: str = ""
     phase: str = ""
 
 
-def _from_message(message: dict[str, Any]) -> Outcome:
+#: ``decode(message) -> run``: what a launcher makes of a worker's successful message (an
+#: init cell's :class:`ProcessRun` by default; the layer-loss worker's plain dict)
+Decode = Callable[[dict[str, Any]], Any]
+
+
+def _from_message(message: dict[str, Any], decode: Decode = ProcessRun.from_dict) -> Outcome:
     if message.get("status") in (FAILED, OOM):
         return Outcome(message["status"], reason=message.get("reason", ""), phase=message.get("phase", ""))
-    return Outcome(OK, ProcessRun.from_dict(message))
+    return Outcome(OK, decode(message))
 
 
 #: The longest single wait the OS accepts comfortably (a larger --limit waits this long).
@@ -102,6 +108,7 @@ class ForkServerLauncher:
     #: server); tests substitute one that crashes or hangs
     worker_fn: Callable[[Task], dict[str, Any]] = run_task
     name: str = "forkserver"
+    decode: Decode = ProcessRun.from_dict
 
     def launch(self, task: Task, limit_s: float, memory_limit_bytes: int | None = None) -> Outcome:
         from multiprocessing.connection import wait
@@ -133,7 +140,7 @@ class ForkServerLauncher:
             receive.close()
         if message is None:
             return Outcome(CRASHED, reason=exit_cause(proc.exitcode))
-        return _from_message(message)
+        return _from_message(message, self.decode)
 
 
 @dataclass
@@ -142,6 +149,7 @@ class SpawnLauncher:
 
     worker_cmd: list[str] = field(default_factory=lambda: [sys.executable, "-m", "bench.worker"])
     name: str = "spawn"
+    decode: Decode = ProcessRun.from_dict
 
     def launch(self, task: Task, limit_s: float, memory_limit_bytes: int | None = None) -> Outcome:
         from .worker import MEMORY_LIMIT_ENV
@@ -157,7 +165,7 @@ class SpawnLauncher:
                 result = _result_line(stdout)
                 if result is None:
                     return Outcome(TIMEOUT, reason=f"worker exceeded the {_limit_text(limit_s)} limit and was killed")
-                return _from_message(result)  # it finished as the limit ran out: keep it
+                return _from_message(result, self.decode)  # it finished as the limit ran out: keep it
             except BaseException:  # Ctrl-C or an error in the manager: the worker must not outlive it
                 proc.kill()
                 raise
@@ -165,7 +173,7 @@ class SpawnLauncher:
         if result is None:
             tail = " | ".join(stderr.strip().splitlines()[-3:])
             return Outcome(CRASHED if proc.returncode != 0 else FAILED, reason=f"{exit_cause(proc.returncode)}: {tail}")
-        return _from_message(result)
+        return _from_message(result, self.decode)
 
 
 def _result_line(stdout: str | None) -> dict[str, Any] | None:
@@ -191,7 +199,7 @@ def _fork_server():
         from multiprocessing import forkserver
 
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "loram_ref", "bench.worker"])
+        ctx.set_forkserver_preload(["torch", "loram_ref", "bench.worker", "bench.layer.worker"])
         saved = {k: os.environ.get(k) for k in WORKER_ENV}
         os.environ.update(WORKER_ENV)
         try:

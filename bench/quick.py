@@ -2,10 +2,13 @@
 
 1. Init cost of every initializer on the unique shapes of a small model and Llama-2-7B
    (CPU, fp32, rank 16), cells predicted past the limit skipped and extrapolated.
-2. Short loss runs on SmolLM2-135M of the default loss initializers x 3 seeds (each seed
+2. The layer-level task (``bench.layer``) at a small model's shapes and Llama-2-7B's
+   attention shape: the default loss initializers x every alignment x 3 seeds at lr 1e-3,
+   and its findings (``layer_loss_findings.csv``).
+3. Short loss runs on SmolLM2-135M of the default loss initializers x 3 seeds (each seed
    one batch order shared by all: a paired design), 25 steps of 4 x 64 tokens, and their
    verdict (``loss_stats.csv``).
-3. The run's init rows appended to ``history.jsonl`` (the report's trend) and the shape
+4. The run's init rows appended to ``history.jsonl`` (the report's trend) and the shape
    catalog written; the command line then builds the HTML report.
 
 A rerun into the same folder resumes: measurements already there are not repeated
@@ -23,7 +26,7 @@ from .catalog import write_catalog
 from .history import append_history
 from .results import export_kind
 from .runner import Runner, run_interleaved
-from .suites import QUICK_LIMIT_S, QUICK_LOSS, QUICK_PRESETS, QUICK_TEMPLATE, init_tasks
+from .suites import QUICK_LAYER, QUICK_LIMIT_S, QUICK_LOSS, QUICK_PRESETS, QUICK_TEMPLATE, init_tasks
 from .tasks import Task
 
 
@@ -55,8 +58,12 @@ def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, base
     measure_init(tasks, out, baseline, sources=QUICK_PRESETS, progress=progress, calibrate=True)
     print(f"init cost: {len(tasks)} measurements in {time.perf_counter() - started:.0f} s", flush=True)
     if not skip_loss:
+        from .layer.run import run_layer_loss
         from .loss.run import run_loss
 
+        layer_started = time.perf_counter()
+        run_layer_loss(QUICK_LAYER.config(threads=threads), out, progress=progress)
+        print(f"layer-loss runs: {time.perf_counter() - layer_started:.0f} s", flush=True)
         loss_started = time.perf_counter()
         run_loss(QUICK_LOSS.config(threads=threads), out, progress=progress)
         print(f"loss runs: {time.perf_counter() - loss_started:.0f} s", flush=True)

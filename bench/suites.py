@@ -109,3 +109,36 @@ QUICK_LOSS = LossSuite(tuple(DEFAULT_LOSS_INITIALIZERS), lrs=(1e-3,), seeds=(0, 
 #: ``loram-bench full``: every initializer x 3 learning rates x 3 seeds x 40 steps
 #: (72 runs: 3825 s measured on 2 cores with bf16 autocast, over its 60-minute target).
 FULL_LOSS = LossSuite(tuple(sorted(loram_ref.INITIALIZERS)), lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), steps=40)
+
+
+@dataclass(frozen=True)
+class LayerSuite:
+    """A layer-loss grid as data (``bench.layer.run.LayerConfig``'s other fields at their defaults)."""
+
+    initializers: tuple[str, ...]
+    alignments: tuple[str, ...]
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...]
+    presets: tuple[str, ...] = ()
+    shapes: tuple[tuple[int, int], ...] = ()
+    steps: int = 50
+    init_limit_s: float = 60.0
+
+    def config(self, **options: Any):
+        from .layer.run import LayerConfig
+
+        return LayerConfig(presets=list(self.presets), shapes=list(self.shapes), initializers=list(self.initializers),
+                           alignments=list(self.alignments), lrs=list(self.lrs), seeds=list(self.seeds),
+                           steps=self.steps, init_limit_s=self.init_limit_s, **options)
+
+
+ALIGNMENTS = ("aligned", "random", "bottom")
+#: The quick suite's layer-level part: SmolLM2-135M's attention shape and Llama-2-7B's
+#: attention shape, the default loss initializers, every alignment, lr 1e-3, 3 seeds.
+QUICK_LAYER = LayerSuite(tuple(DEFAULT_LOSS_INITIALIZERS), ALIGNMENTS, lrs=(1e-3,), seeds=(0, 1, 2),
+                         shapes=((576, 576), (4096, 4096)))
+#: ``loram-bench full``'s layer-level part: every unique shape of Llama-2-7B and Llama-3-70B,
+#: every initializer, every alignment, 3 lrs, 3 seeds. Inits predicted past 30 s are taken
+#: from the known SVD (full-SVD PiSSA) or skipped (LoRA-DA at the 70B MLP shapes).
+FULL_LAYER = LayerSuite(tuple(sorted(loram_ref.INITIALIZERS)), ALIGNMENTS, lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2),
+                        presets=("llama-2-7b", "llama-3-70b"), init_limit_s=30.0)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -147,3 +147,38 @@ def collect_lora_da(model, blocks: torch.Tensor, target_names: list[str], ctx: C
     """The LoRA-DA statistics kind's collector: one sample at a time (spec §4)."""
     stats, tokens = kfac_statistics(model, blocks, target_names, ctx.num_train, ctx.loss_fn)
     return stats, {"tokens": tokens, "num_train": ctx.num_train}
+
+
+class GradientOracle(Protocol):
+    """A layer whose loss gradients are known without a model pass: a synthetic layer-level
+    task (``bench.layer``) answers the statistics passes' questions directly.
+
+    Gradients are those of the per-sample loss at the base weight ``W`` (before any adapter),
+    as a statistics pass sees them.
+    """
+
+    def gradient_sum(self, batches: int, batch_size: int) -> torch.Tensor:
+        """``Σ_b ∇_W (mean loss of batch b)`` over ``batches`` batches (m x n)."""
+
+    def kfac(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """LoRA-DA's ``(G, Z, y², T)`` over ``tokens`` samples at batch size 1 (spec §4
+        steps 1-2): mean gradient (m x n), input factor (n x n), output factor (m,), and
+        the number of tokens they came from (0: exact expectations)."""
+
+
+def lora_sb_from_oracle(oracle: GradientOracle, ctx: CollectContext, samples: int
+                        ) -> tuple[LoraSBStats, dict[str, Any]]:
+    """LoRA-SB's ``ΔW = -η·sign(Σ∇W)`` (spec §3 step 4) from ``samples`` inputs in batches
+    of ``ctx.batch_size``, η_eff by the repo's formula as :func:`collect_lora_sb` uses it."""
+    eta = LoraSBStats.eta_from_repo(ctx.lr, ctx.warmup_ratio, ctx.batches_per_epoch)
+    batches = max(1, math.ceil(samples / ctx.batch_size))
+    stats = LoraSBStats.from_gradient_sum(oracle.gradient_sum(batches, ctx.batch_size), eta)
+    return stats, {"eta_eff": eta, "samples": batches * ctx.batch_size}
+
+
+def lora_da_from_oracle(oracle: GradientOracle, ctx: CollectContext, samples: int
+                        ) -> tuple[LoraDAStats, dict[str, Any]]:
+    """LoRA-DA's mean gradient and K-FAC factors (spec §4 steps 1-2) over ``samples`` tokens."""
+    grad, z, y2, tokens = oracle.kfac(samples)
+    return LoraDAStats(grad=grad, input_factor=z, output_factor=y2, num_train=ctx.num_train), {
+        "tokens": tokens, "num_train": ctx.num_train}

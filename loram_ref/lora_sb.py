@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
 
 from .fidelity import lora_sb_fidelity
@@ -13,8 +16,25 @@ from .stats import LoraSBStats
 from .validation import check_inputs, check_positive_int, resolve_generator
 
 
+def _rescaled(init: LoraInit, factor: float) -> LoraInit:
+    """LoRA-SB for the update ``factor·ΔW``: the same A and B, ``R·factor``.
+
+    The randomized SVD is homogeneous: with the same test matrix, ``rsvd(c·ΔWᵀ)`` has the
+    same subspaces and ``c·σ`` (its QR steps normalize the scale away), so ``R = diag(c·σ)/s``.
+    Only the bf16 rounding of R differs from a fresh call (round(c·σ) against c·round(σ):
+    at most 2⁻⁸ relative per entry; tested).
+    """
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"factor must be finite and > 0, got {factor}")
+    info = {**init.info, "rescaled_by": factor}
+    if "sigma_1" in info:
+        info["sigma_1"] = info["sigma_1"] * factor
+    return replace(init, R=(init.R.float() * factor).to(init.R.dtype), info=info)
+
+
 @register(
     "lora_sb",
+    rescale=_rescaled,
     work=sign_update_rsvd,
     fidelity=lora_sb_fidelity,
     invariant=Invariant.SHIFTED,

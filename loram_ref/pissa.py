@@ -10,7 +10,7 @@ from .registry import FULL_SVD, Invariant, PublishedScaling, register
 from .result import LoraInit
 from .work import full_svd, randomized_svd_work
 from .guard import check_residual
-from .validation import check_inputs, check_positive_int, resolve_generator
+from .validation import check_inputs, check_positive_int, check_scaling, check_shape, resolve_generator
 
 _PAPER = "Meng, Wang & Zhang 2024, PiSSA (arXiv 2404.02948); PEFT pissa_init"
 
@@ -28,6 +28,39 @@ def _fp32_work_copy(weight: torch.Tensor, inplace: bool) -> torch.Tensor:
     return weight if inplace else weight.clone()
 
 
+def _split_triplets(u_r: torch.Tensor, s_r: torch.Tensor, vh_r: torch.Tensor, scaling: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spec §2 steps 3-4, in place on ``vh_r`` and ``u_r``: ``(A, B)``."""
+    root = torch.sqrt(s_r / scaling)  # step 3: σ'_r = σ_r / s; each factor carries √σ'
+    a = vh_r.mul_(root[:, None])  # step 4: A = diag(√σ'_r)·V_rᵀ  (r x n)
+    b = u_r.mul_(root[None, :])  # step 4: B = U_r·diag(√σ'_r)  (m x r)
+    return a, b
+
+
+def pissa_from_svd(u_r: torch.Tensor, s_r: torch.Tensor, vh_r: torch.Tensor, scaling: float = 1.0) -> LoraInit:
+    """PiSSA's factors from W's top-r singular triplets when they are already known.
+
+    The same steps 3-4 as :func:`pissa` (``A = diag(√(σ_r/s))·V_rᵀ``, ``B = U_r·diag(√(σ_r/s))``)
+    on triplets the caller knows exactly, e.g. because it built ``W = U·diag(σ)·Vᵀ + bulk``
+    with the bulk orthogonal to ``U`` and ``V`` (``bench.layer.problem``), where the full SVD
+    of a 70B-shaped W would take minutes. ``residual`` is ``None``: the caller knows
+    ``W_res = W − s·B·A`` as well as the factors do (invariant (F) by construction). Up to
+    the sign of each triplet, which SVD routines choose freely, the factors are those of
+    :func:`pissa` on that W (tested).
+    """
+    scaling = check_scaling(scaling)
+    if not isinstance(s_r, torch.Tensor) or s_r.dim() != 1 or s_r.numel() < 1:
+        raise ValueError("s_r must be a 1-D tensor of the r top singular values")
+    r = s_r.numel()
+    check_shape(s_r, (r,), "s_r")
+    if bool((s_r < 0).any()):
+        raise ValueError("s_r must be >= 0: singular values are never negative")
+    check_shape(vh_r, (r, vh_r.shape[-1]), "vh_r")
+    check_shape(u_r, (u_r.shape[0], r), "u_r")
+    a, b = _split_triplets(u_r.clone(), s_r.clone(), vh_r.clone(), scaling)
+    return LoraInit(method="pissa", A=a, B=b, scaling=scaling, info={"svd": "known"})
+
+
 def _pissa_factors(
     name: str,
     weight: torch.Tensor,
@@ -40,9 +73,7 @@ def _pissa_factors(
     info: dict,
 ) -> LoraInit:
     """Spec §2 steps 3-5 from the top-r triplets of the fp32 ``work`` copy of ``W``."""
-    root = torch.sqrt(s_r / scaling)  # step 3: σ'_r = σ_r / s; each factor carries √σ'
-    a = vh_r.mul_(root[:, None])  # step 4: A = diag(√σ'_r)·V_rᵀ  (r x n)
-    b = u_r.mul_(root[None, :])  # step 4: B = U_r·diag(√σ'_r)  (m x r)
+    a, b = _split_triplets(u_r, s_r, vh_r, scaling)
     work.addmm_(b, a, alpha=-scaling)  # step 5: W_res = W - s·B·A, in fp32 (fp64), in place
     if weight.dtype == work.dtype:
         residual = work
@@ -68,6 +99,7 @@ def _pissa_factors(
     invariant=Invariant.FUNCTION_PRESERVING,
     published=PublishedScaling(source="the PiSSA paper sets lora_alpha = r (s = 1; spec §2)"),
     cost=FULL_SVD,
+    from_svd=pissa_from_svd,
     label="full-SVD PiSSA",
     paper=_PAPER,
     summary="top-r SVD triplets of W (full SVD) in A, B; W_res = W - U_r Σ_r V_rᵀ",

@@ -118,6 +118,15 @@ class InitializerSpec:
     work: Callable[..., Work] | None = None
     #: the scaling the method is published with (``--scaling published`` in the loss benchmark)
     published: PublishedScaling = field(default_factory=PublishedScaling)
+    #: ``from_svd(u_r, s_r, vh_r, scaling) -> LoraInit``: the same factors from W's top-r
+    #: singular triplets when the caller knows them (a W built from its SVD), for methods
+    #: whose only use of W is that decomposition; the residual is left to the caller
+    from_svd: Callable[..., LoraInit] | None = None
+    #: ``rescale(init, factor) -> LoraInit``: the result for statistics scaled by ``factor``
+    #: (those of a learning rate ``factor`` times the one they were collected at,
+    #: ``StatisticsKind.lr_rescale``), for methods homogeneous in their statistics; a
+    #: learning-rate grid then runs the method once per seed
+    rescale: Callable[[LoraInit, float], LoraInit] | None = None
 
     @property
     def needs_statistics(self) -> bool:
@@ -140,6 +149,8 @@ def register(
     fidelity: Callable[..., dict] | None = None,
     work: Callable[..., Work] | None = None,
     published: PublishedScaling | None = None,
+    from_svd: Callable[..., LoraInit] | None = None,
+    rescale: Callable[[LoraInit, float], LoraInit] | None = None,
 ) -> Callable[[Callable[..., LoraInit]], Callable[..., LoraInit]]:
     """Add the decorated function to ``INITIALIZERS`` under ``name``."""
 
@@ -160,6 +171,8 @@ def register(
             fidelity=fidelity,
             work=work,
             published=published or PublishedScaling(),
+            from_svd=from_svd,
+            rescale=rescale,
         )
         return guarded
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from .collect import collect_lora_da, collect_lora_sb
+from .collect import collect_lora_da, collect_lora_sb, lora_da_from_oracle, lora_sb_from_oracle
 from .stats import LoraDAStats, LoraSBStats
 
 #: ``synthetic(m, n, generator, device) -> stats``
@@ -24,6 +24,9 @@ Collector = Callable[..., tuple[dict[str, Any], dict[str, Any]]]
 #: ``at_lr(stats, meta, factor) -> (stats, meta)``: one layer's statistics for a run at
 #: ``factor`` times the learning rate they were collected at
 LrRescale = Callable[[Any, dict[str, Any], float], tuple[Any, dict[str, Any]]]
+#: ``from_oracle(oracle, ctx, samples) -> (stats, meta)``: one layer's statistics from a
+#: ``loram_ref.collect.GradientOracle`` (a synthetic layer task instead of a model pass)
+OracleCollector = Callable[..., tuple[Any, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class StatisticsKind:
         lr_rescale: how statistics collected at one learning rate become those of another
             (None: they do not depend on the learning rate). A learning-rate grid then
             collects once per seed and derives the rest.
+        from_oracle: the same statistics from a layer task that knows its gradients.
     """
 
     name: str
@@ -45,6 +49,7 @@ class StatisticsKind:
     collect: Collector | None = None
     default_samples: int = 0
     lr_rescale: LrRescale | None = None
+    from_oracle: OracleCollector | None = None
 
     @property
     def needed(self) -> bool:
@@ -84,8 +89,9 @@ def _lora_sb_at_lr(stats: LoraSBStats, meta: dict[str, Any], factor: float) -> t
 
 NO_STATISTICS = StatisticsKind("none")
 LORA_SB_STATISTICS = StatisticsKind("lora_sb", _synthetic_lora_sb, collect_lora_sb, default_samples=8,
-                                    lr_rescale=_lora_sb_at_lr)
-LORA_DA_STATISTICS = StatisticsKind("lora_da", _synthetic_lora_da, collect_lora_da, default_samples=32)
+                                    lr_rescale=_lora_sb_at_lr, from_oracle=lora_sb_from_oracle)
+LORA_DA_STATISTICS = StatisticsKind("lora_da", _synthetic_lora_da, collect_lora_da, default_samples=32,
+                                    from_oracle=lora_da_from_oracle)
 
 
 class Statistics:

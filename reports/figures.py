@@ -345,3 +345,80 @@ def roofline(table: pd.DataFrame) -> go.Figure:
                               "yaxis": {"type": "log", "title": "x the floor (1 = at the floor)"}}, "view")
     fig.add_hline(y=1.0, line={"color": KEY, "dash": "dash"})
     return fig
+
+
+def layer_curves(frame: pd.DataFrame) -> go.Figure:
+    """Normalized error against step per initializer, mean over seeds with its 95 % band; a
+    dropdown picks the (shape, alignment, lr)."""
+    from bench.loss.verdict import Interval, lr_text
+
+    traces: dict[str, list] = {}
+    frame = frame.sort_values(["numel", "shape", "alignment", "lr"])
+    for (shape, alignment, lr), g in frame.groupby(["shape", "alignment", "lr"], sort=False):
+        items = []
+        for name, runs in g.groupby("initializer"):
+            curves = [c for c in runs["loss"] if isinstance(c, list) and c]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            values = np.array([c[:length] for c in curves], dtype=float)
+            stats = [Interval.of(values[:, t]) for t in range(length)]
+            steps = list(range(length))
+            mean = [iv.mean for iv in stats]
+            if len(curves) > 1:
+                low, high = [iv.low for iv in stats], [iv.high for iv in stats]
+                items.append(go.Scatter(x=steps + steps[::-1], y=high + low[::-1], fill="toself",
+                                        line={"width": 0, "color": color(name)}, fillcolor=_rgba(color(name), 0.18),
+                                        hoverinfo="skip", showlegend=False, legendgroup=name))
+            items.append(go.Scatter(x=steps, y=mean, name=name, legendgroup=name, line={"color": color(name)},
+                                    hovertemplate=f"<b>{name}</b><br>step %{{x}}<br>mean error over {len(curves)} "
+                                                  f"seeds: %{{y:.4f}}<extra></extra>"))
+        traces[f"{shape} · {alignment} · lr {lr_text(lr)}"] = items
+    return with_views(traces, {"title": "Normalized error ‖(W_eff − W − ΔW*)Σ^½‖² / ‖ΔW*Σ^½‖² per step<br>"
+                                        "<sub>mean over seeds, band: 95 % CI of the mean; 1 = no progress</sub>",
+                               "xaxis": {"title": "step"}, "yaxis": {"title": "normalized error"}},
+                      "shape · alignment · lr")
+
+
+def _by_alignment(table: pd.DataFrame, y: str, low: str, high: str, title: str, ytitle: str,
+                  zero_line: bool = False) -> go.Figure:
+    from plotly.subplots import make_subplots
+
+    alignments = [a for a in ("aligned", "random", "bottom") if a in set(table["alignment"])]
+    fig = make_subplots(rows=1, cols=len(alignments), shared_yaxes=True,
+                        subplot_titles=[f"{a} target" for a in alignments], horizontal_spacing=0.04)
+    for col, alignment in enumerate(alignments, start=1):
+        part = table[(table["alignment"] == alignment) & table[y].notna()].sort_values("numel")
+        for name, g in part.groupby("initializer"):
+            fig.add_trace(go.Scatter(
+                x=g["numel"], y=g[y], name=name, legendgroup=name, showlegend=col == 1, mode="lines+markers",
+                line={"color": color(name)},
+                error_y={"type": "data", "symmetric": False, "array": (g[high] - g[y]).fillna(0),
+                         "arrayminus": (g[y] - g[low]).fillna(0), "thickness": 1},
+                customdata=np.stack([g["shape"], g["lr"]], axis=-1),
+                hovertemplate=f"<b>{name}</b><br>%{{customdata[0]}} at its best lr %{{customdata[1]:.1e}}<br>"
+                              f"{ytitle} %{{y:.4f}}<extra></extra>"), row=1, col=col)
+        fig.update_xaxes(type="log", title_text="layer size m·n", row=1, col=col)
+        if zero_line:
+            fig.add_hline(y=0, line={"color": "#888", "dash": "dot"}, row=1, col=col)
+    fig.update_yaxes(title_text=ytitle, row=1, col=1)
+    fig.update_layout(template="plotly_white", height=440, margin={"t": 90, "r": 20, "b": 50, "l": 70}, title=title,
+                      legend={"groupclick": "togglegroup"})
+    return fig
+
+
+def layer_error_by_size(table: pd.DataFrame) -> go.Figure:
+    """Final normalized error at each initializer's best lr against the layer size, per alignment."""
+    best = table[table["is_best_lr"]]
+    return _by_alignment(best, "final_eval_mean", "final_eval_ci_low", "final_eval_ci_high",
+                         "Final error against layer size<br><sub>each initializer at its best lr per shape; "
+                         "mean over seeds with 95 % CI</sub>", "final normalized error")
+
+
+def layer_diff_by_size(table: pd.DataFrame, reference: str) -> go.Figure:
+    """The paired difference to the reference (both at their best lrs) against the layer size:
+    below 0, better than the reference; a slope says whether that changes with the layer."""
+    best = table[table["is_best_lr"] & (table["initializer"] != reference)]
+    return _by_alignment(best, "best_diff_mean", "best_diff_ci_low", "best_diff_ci_high",
+                         f"Difference to {reference} against layer size<br><sub>paired over seeds, 95 % CI; "
+                         "below 0: better; each at its best lr</sub>", f"error − {reference}'s", zero_line=True)

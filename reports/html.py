@@ -161,6 +161,82 @@ def _loss_section(data) -> str:
     return "".join(parts)
 
 
+LAYER_VERDICT_COLUMNS = ["shape", "alignment", "rank", "initializer", "lr", "seeds", "diverged", "final_eval_mean",
+                         "final_eval_ci_low", "final_eval_ci_high", "eval_auc_mean", "best_diff_mean", "best_diff_ci_low",
+                         "best_diff_ci_high", "best_p_holm", "trainable_params", "init_seconds", "stats_seconds"]
+
+
+def _layer_cost(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per shape: the median training step, the training phase's peak memory, and the
+    initializers' measured init time (how each init was obtained)."""
+    needed = {"init_method", "init_cached", "init_seconds", "median_step_s", "train_peak_cpu_extra_bytes"}
+    ok = rows[rows["status"] == "ok"]
+    if ok.empty or not needed <= set(ok.columns):
+        return pd.DataFrame()
+    ok = ok.assign(shape=ok["d_out"].astype(str) + "x" + ok["d_in"].astype(str), numel=ok["d_out"] * ok["d_in"])
+    records = []
+    for (numel, shape), g in ok.groupby(["numel", "shape"], sort=True):
+        computed = g[(g["init_method"] == "computed") & ~g["init_cached"].astype(bool)]
+        inits = {n: float(v.median()) for n, v in computed.groupby("initializer")["init_seconds"]}
+        known = sorted(set(g.loc[g["init_method"] == "known-svd", "initializer"]))
+        records.append({
+            "shape": shape, "runs": len(g), "median_step_s": float(g["median_step_s"].median()),
+            "train_peak_cpu_extra_bytes": float(g["train_peak_cpu_extra_bytes"].max()),
+            "init_seconds (computed, median)": ", ".join(f"{n} {v:.2f}" for n, v in sorted(inits.items())),
+            "from the known SVD": ", ".join(known)})
+    return pd.DataFrame(records)
+
+
+def _layer_section(data) -> str:
+    """The layer-level task: configuration, findings, error and difference against layer size,
+    per-step curves, the verdict per shape and alignment, the cost of a step, failures."""
+    verdict, rows = data.layer, data.layer_rows
+    first = rows.iloc[-1]
+    spec = {k[5:]: first[k] for k in rows.columns if k.startswith("spec_")}
+    meta = (f"<p class='note'>A frozen W per layer shape and seed (a Marchenko-Pastur bulk plus "
+            f"{spec.get('top_directions')} singular values above it, σ_1 = {1 + spec.get('top_strength', 0):g}× the bulk edge), "
+            f"a rank-{spec.get('target_rank')} target ΔW* with ‖ΔW*‖_F = {spec.get('target_scale')}·‖W‖_F in W's top "
+            f"singular subspace (aligned), a random one, or W's null directions (bottom), and {spec.get('input_spectrum')} "
+            f"inputs. r = {first.get('rank')}, {first.get('steps')} AdamW steps on {first.get('gradients')} gradients; "
+            "the loss is ‖(W_eff − W − ΔW*)Σ^½‖² / ‖ΔW*Σ^½‖² (1: no progress). Every initializer of one seed trains "
+            "on the same problem: differences are paired over seeds.</p>")
+    if data.other_layer_configs:
+        meta += (f"<p class='note'>layer_loss.jsonl also holds {data.other_layer_configs} other configuration(s); "
+                 "only the latest is shown (layer_loss_stats.csv has all).</p>")
+    parts = [meta]
+    if verdict is not None:
+        if verdict.findings:
+            parts.append("<h3>Findings</h3><ul class='verdict'>" + "".join(
+                f"<li>{html.escape(f.text)}</li>" for f in verdict.findings) + "</ul>")
+            parts.append("<p class='note'>Size: the slope of the per-seed paired difference (each at its best lr "
+                         "per shape) on log10(m·n), with its 95 % Student-t interval over the (shape, seed) points. "
+                         "Alignment: the mean paired difference per alignment over shapes and seeds, and the contrast "
+                         "aligned − random per (shape, seed). Shapes are fixed: the intervals cover the measured "
+                         "shapes, not others.</p>")
+        table = verdict.table()
+        if not table.empty:
+            reference = verdict.configs[0].verdict.reference or "the reference"
+            parts.append(_figure(figures.layer_error_by_size(table)))
+            parts.append(_figure(figures.layer_diff_by_size(table, reference)))
+        ok = verdict.frame
+        parts.append(_figure(figures.layer_curves(ok)))
+        if not table.empty:
+            parts.append("<h3>Per shape and alignment, each initializer at its best lr</h3>"
+                         + table_html(table[table["is_best_lr"]], LAYER_VERDICT_COLUMNS))
+    cost = _layer_cost(rows)
+    if not cost.empty:
+        parts.append("<h3>Cost of the task</h3><p class='note'>A step never forms an m x n matrix: its work is "
+                     "O((m+n)·(2r+k)²). Init times are those of the reference implementations on this machine "
+                     "(the init benchmark measures them properly); full-SVD PiSSA is taken from W's known singular "
+                     "vectors where its SVD was predicted past the init limit.</p>" + table_html(cost))
+    bad = rows[rows["status"] != "ok"]
+    if not bad.empty:
+        parts.append("<h3>Runs without a result</h3>" + table_html(
+            bad, ["initializer", "d_out", "d_in", "alignment", "lr", "seed", "status", "phase", "reason"],
+            classes=_status_classes(bad)))
+    return "".join(parts)
+
+
 def build_report(results: Path, out: Path, comparison: pd.DataFrame | None = None, title: str = "loram-bench report",
                  speedup_reference: str = SPEEDUP_REFERENCE) -> Path:
     """Write the report of a results folder (or an init.jsonl) to ``out``; return its path.
@@ -275,6 +351,8 @@ def render_sections(data: ResultSet, comparison: pd.DataFrame | None,
                          f'{init["cuda_event_gap"].max():.3g} (column cuda_event_gap).</p>')
         sections.append(("rows", "All init rows", cuda_note + table_html(init, ROW_COLUMNS, classes=_status_classes(init))
                          + _metric_legend()))
+    if not data.layer_rows.empty:
+        sections.append(("layer-loss", "Layer-level loss", _layer_section(data)))
     if not data.loss.empty:
         sections.append(("loss", "Short-run loss", _loss_section(data)))
     if not data.history.empty:

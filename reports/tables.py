@@ -16,6 +16,7 @@ import pandas as pd
 from bench import costlaw
 from bench.catalog import read_catalog
 from bench.identity import family, view, view_label
+from bench.layer.verdict import LayerVerdict, layer_verdict
 from bench.loss.verdict import LossVerdict, verdict_for
 from bench.results import read_rows, to_frame
 from bench.schema import FAILURES, SKIPPED
@@ -33,6 +34,12 @@ class ResultSet:
     loss_verdict: LossVerdict | None = None
     #: how many other loss configurations the folder holds (not shown; their rows stay in loss.jsonl)
     other_loss_configs: int = 0
+    #: the layer-level task's verdict and findings of the latest suite configuration (``bench.layer.verdict``)
+    layer: LayerVerdict | None = None
+    #: every row of layer_loss.jsonl (failures and skips included), latest per run
+    layer_rows: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: how many other layer-loss suite configurations the folder holds (not shown)
+    other_layer_configs: int = 0
 
 
 def _load_rows(path: Path) -> list[dict]:
@@ -72,8 +79,22 @@ def load_results(results: Path) -> ResultSet:
         if "final_eval_loss" in summary:
             verdict = verdict_for(summary)
     history = pd.DataFrame(_load_rows(folder / "history.jsonl"))
+    layer, layer_rows, layer_others = _layer(_load_rows(folder / "layer_loss.jsonl"))
     return ResultSet(init=init, loss=loss, loss_summary=summary, history=history, catalog=read_catalog(folder),
-                     loss_verdict=verdict, other_loss_configs=others)
+                     loss_verdict=verdict, other_loss_configs=others, layer=layer, layer_rows=layer_rows,
+                     other_layer_configs=layer_others)
+
+
+def _layer(rows: list[dict]) -> tuple[LayerVerdict | None, pd.DataFrame, int]:
+    """The layer-loss verdict of the latest suite configuration, its rows, and how many others there are."""
+    rows = [r for r in rows if r.get("kind") == "layer_loss" and "suite_key" in r]
+    if not rows:
+        return None, pd.DataFrame(), 0
+    latest = max(rows, key=lambda r: str(r.get("timestamp", "")))["suite_key"]
+    others = len({r["suite_key"] for r in rows}) - 1
+    shown = [r for r in rows if r["suite_key"] == latest]
+    frame = pd.DataFrame(shown).drop_duplicates("task_key", keep="last").reset_index(drop=True)
+    return layer_verdict(shown), frame, others
 
 
 def cost_laws(init: pd.DataFrame) -> pd.DataFrame:

@@ -141,8 +141,9 @@ def _by_seed(group: pd.DataFrame, column: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in zip(ok["seed"], ok[column]) if math.isfinite(v)}
 
 
-def verdict_for(summary: pd.DataFrame, reference: str = LOSS_REFERENCE) -> LossVerdict:
-    """The verdict of one configuration's ``loss_summary`` rows (one ``config_key``)."""
+def verdict_for(summary: pd.DataFrame, reference: str = LOSS_REFERENCE, metric: str = "eval loss") -> LossVerdict:
+    """The verdict of one configuration's ``loss_summary`` rows (one ``config_key``);
+    ``metric`` names what ``final_eval_loss`` holds in the sentences."""
     keys = summary["config_key"].unique()
     if len(keys) != 1:
         raise ValueError(f"verdict_for needs the rows of one configuration, got {len(keys)} config keys")
@@ -198,7 +199,7 @@ def verdict_for(summary: pd.DataFrame, reference: str = LOSS_REFERENCE) -> LossV
     for name, rank in tied_ranks(at_best).items():
         table.loc[(table["initializer"] == name) & table["is_best_lr"], "rank"] = rank
     verdict = LossVerdict(config_key=keys[0], reference=reference if has_reference else "", table=table)
-    verdict.sentences = {name: sentence(table, name, reference) for name in sorted(table["initializer"].unique())}
+    verdict.sentences = {name: sentence(table, name, reference, metric) for name in sorted(table["initializer"].unique())}
     verdict.magnitude = magnitude_relation(summary)
     return verdict
 
@@ -233,16 +234,16 @@ def lr_text(value: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def sentence(table: pd.DataFrame, name: str, reference: str) -> str:
+def sentence(table: pd.DataFrame, name: str, reference: str, metric: str = "eval loss") -> str:
     """One plain sentence: how ``name`` at its best lr compares with the reference at its own."""
     rows = table[(table["initializer"] == name) & table["is_best_lr"]]
     if rows.empty:
         return f"{name}: every learning rate tried diverged on at least one seed; no verdict."
     row = rows.iloc[0]
-    cost = f"{row['init_seconds']:.2f} s init" + (f" + {row['stats_seconds']:.1f} s statistics pass"
-                                                    if row["stats_seconds"] > 0 else "")
+    init = "init time not measured" if math.isnan(row["init_seconds"]) else f"{row['init_seconds']:.2f} s init"
+    cost = init + (f" + {row['stats_seconds']:.1f} s statistics pass" if row["stats_seconds"] > 0 else "")
     seeds = f"{int(row['seeds'])} seed{'s' if row['seeds'] != 1 else ''}"
-    head = f"{name} (rank {row['rank']}): eval loss {row['final_eval_mean']:.3f} at its best lr {lr_text(row['lr'])}"
+    head = f"{name} (rank {row['rank']}): {metric} {row['final_eval_mean']:.3f} at its best lr {lr_text(row['lr'])}"
     if name == reference:
         return f"{head}, {seeds}; the reference; {cost}."
     if math.isnan(row["best_diff_mean"]):
@@ -257,7 +258,7 @@ def sentence(table: pd.DataFrame, name: str, reference: str) -> str:
     # resolved: Holm-adjusted p below 1 − CONFIDENCE (the CI where no p exists: no spread)
     resolved = p < 1 - CONFIDENCE if not math.isnan(p) else (row["best_diff_ci_high"] < 0 or row["best_diff_ci_low"] > 0)
     judgement = ("better than" if row["best_diff_mean"] < 0 else "worse than") if resolved else "not distinguishable from"
-    return (f"{head}: {diff} ± {half:.3f} eval loss vs {reference} at its best lr {lr_text(ref_lr.iloc[0])}, "
+    return (f"{head}: {diff} ± {half:.3f} {metric} vs {reference} at its best lr {lr_text(ref_lr.iloc[0])}, "
             f"p = {p:.2g} (Holm), {seeds}: {judgement} {reference}; {cost}.")
 
 

@@ -1,0 +1,131 @@
+"""What one layer-loss run is: an initializer trained on one layer task at one lr and seed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import loram_ref
+
+from .problem import ProblemSpec
+
+#: ``--gradients``: exact expectations over the input distribution, or sampled mini-batches.
+GRADIENTS = ("exact", "sampled")
+
+
+@dataclass(frozen=True)
+class LayerTask:
+    """One run, executed in its own worker process (``bench.layer.worker``).
+
+    ``scaling`` is the LoRA scaling ``s`` the adapter is trained with (``alpha`` and
+    ``use_rslora`` say where it came from). ``batch_size`` is the mini-batch of sampled
+    gradients, and in both modes the nominal batch the statistics passes assume (LoRA-SB's
+    batches, LoRA-DA's ``N = steps · batch_size``). ``init_method`` is chosen by the driver:
+    ``computed`` (the initializer runs on W) or ``known-svd`` (from W's known top triplets,
+    where the method allows it and the full decomposition is predicted too slow).
+    ``stats_lr``: the learning rate the statistics are collected at (the grid's first);
+    other learning rates derive from it where the method allows (``InitializerSpec.rescale``).
+    """
+
+    initializer: str
+    d_out: int
+    d_in: int
+    seed: int
+    lr: float
+    alignment: str
+    rank: int = 8
+    scaling: float = 1.0
+    alpha: float = 8.0
+    use_rslora: bool = False
+    steps: int = 50
+    gradients: str = "exact"
+    batch_size: int = 64
+    sb_samples: int = 8
+    da_tokens: int = 0  # sampled LoRA-DA statistics: inputs drawn (0: 2·n)
+    sb_warmup_ratio: float = 0.02
+    spec: dict[str, Any] = field(default_factory=lambda: asdict(ProblemSpec()))
+    options: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    threads: int = 2
+    role: str = ""
+    preset: str = ""
+    init_method: str = "computed"
+    stats_lr: float = 0.0  # 0: the run's own lr
+    cache_dir: str = ""
+
+    @property
+    def problem_spec(self) -> ProblemSpec:
+        return ProblemSpec(**self.spec)
+
+    @property
+    def exact(self) -> bool:
+        return self.gradients == "exact"
+
+    def identity(self) -> dict[str, Any]:
+        """What the run measures: everything but where it runs from (threads, cache, labels)
+        and how its init was obtained (recorded in the row)."""
+        skip = {"threads", "role", "preset", "init_method", "stats_lr", "cache_dir"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+    @property
+    def key(self) -> str:
+        return _digest(self.identity())
+
+    @property
+    def config_key(self) -> str:
+        """The configuration a verdict compares within: the run without its initializer,
+        seed and lr (so one shape and one alignment)."""
+        ident = self.identity()
+        for name in ("initializer", "seed", "lr", "scaling", "alpha", "use_rslora", "options"):
+            ident.pop(name)
+        return _digest(ident)
+
+    @property
+    def suite_key(self) -> str:
+        """The configuration across shapes and alignments: what the size and alignment findings pool."""
+        ident = self.identity()
+        for name in ("initializer", "seed", "lr", "scaling", "alpha", "use_rslora", "options", "d_out", "d_in",
+                     "alignment"):
+            ident.pop(name)
+        return _digest(ident)
+
+    @property
+    def group_key(self) -> str:
+        """The runs that share one initializer call (its factors are cached between their
+        workers): the target enters only through statistics, the lr only through statistics
+        the method cannot rescale."""
+        spec = loram_ref.get_initializer(self.initializer)
+        ident = self.identity()
+        kind = spec.statistics
+        if not kind.needed:
+            for name in ("lr", "alignment", "steps", "gradients", "batch_size", "sb_samples", "da_tokens",
+                         "sb_warmup_ratio"):
+                ident.pop(name)
+        elif kind.lr_rescale is None:  # statistics that do not depend on the lr
+            ident.pop("lr")
+        elif spec.rescale is not None:  # collected at stats_lr, rescaled to each run's lr
+            ident.pop("lr")
+            ident["stats_lr"] = self.collected_lr
+        return _digest(ident)
+
+    @property
+    def collected_lr(self) -> float:
+        """The lr the run's statistics are collected at."""
+        spec = loram_ref.get_initializer(self.initializer)
+        if spec.statistics.lr_rescale is not None and spec.rescale is not None and self.stats_lr:
+            return float(self.stats_lr)
+        return float(self.lr)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LayerTask":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _digest(data: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
