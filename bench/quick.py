@@ -2,9 +2,9 @@
 
 1. Init cost of every initializer on the unique shapes of a small model and Llama-2-7B
    (CPU, fp32, rank 16), cells predicted past the limit skipped and extrapolated.
-2. The layer-level task (``bench.layer``) at a small model's shapes and Llama-2-7B's
-   attention shape: the default loss initializers x every alignment x 3 seeds at lr 1e-3,
-   and its findings (``layer_loss_findings.csv``).
+2. The layer-level task (``bench.layer``) at SmolLM2-135M's and Llama-2-7B's attention
+   shapes (576x576, 4096x4096): the default loss initializers x every alignment x 3 seeds
+   at lr 1e-3, and its findings (``layer_loss_findings.csv``).
 3. Short loss runs on SmolLM2-135M of the default loss initializers x 3 seeds (each seed
    one batch order shared by all: a paired design), 25 steps of 4 x 64 tokens, and their
    verdict (``loss_stats.csv``).

@@ -4,6 +4,7 @@ and the quick suite of ``tox -e bench``. Initializer names are chosen here, once
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -79,6 +80,22 @@ QUICK_PRESETS = ["smollm2-135m", "llama-2-7b"]
 QUICK_TEMPLATE = Task(initializer="", d_out=1, d_in=1, rank=DEFAULT_RANK, warmups=0, values=3, min_values=1,
                       value_budget_s=2.0, processes=3)
 QUICK_LIMIT_S = 60.0
+
+
+def check_seeds_and_lrs(seeds: list[int], lrs: list[float]) -> None:
+    """The seeds and learning rates of a loss grid: at least one each, seeds integers >= 0,
+    lrs finite and > 0, no value twice."""
+    if not seeds or not lrs:
+        raise ValueError("--seeds and --lrs each need at least one value")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"--seeds must be integers >= 0, got {seed!r}")
+    for lr in lrs:
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"--lrs must be finite and > 0, got {lr!r}")
+    for flag, values in (("--seeds", seeds), ("--lrs", lrs)):
+        if len(set(values)) != len(values):
+            raise ValueError(f"{flag} lists a value twice: {values}")
 
 
 @dataclass(frozen=True)

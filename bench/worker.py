@@ -214,18 +214,24 @@ def run_task(task: Task) -> dict[str, Any]:
 MEMORY_LIMIT_ENV = "LORAM_BENCH_MEMORY_LIMIT"
 
 
-def main() -> int:
+def serve(from_dict, fn) -> int:
+    """A spawned worker's life: the task as JSON on stdin (``from_dict`` builds it), the
+    memory cap from the environment, ``fn(task)`` or its failure as one prefixed line on stdout."""
     import os
     import traceback
 
-    task = Task.from_dict(json.loads(sys.stdin.read()))
+    task = from_dict(json.loads(sys.stdin.read()))
     apply_memory_limit(int(os.environ.get(MEMORY_LIMIT_ENV) or 0))
     try:
-        result = run_task(task)
-    except Exception as exc:  # noqa: BLE001 - reported to the manager as this cell's failure
+        result = fn(task)
+    except Exception as exc:  # noqa: BLE001 - reported to the manager as this task's failure
         result = failure_message(exc, traceback.format_exc().strip().splitlines()[-3:])
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0
+
+
+def main() -> int:
+    return serve(Task.from_dict, run_task)
 
 
 if __name__ == "__main__":

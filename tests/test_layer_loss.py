@@ -3,14 +3,12 @@ the worker, the driver's reliability and the findings."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -403,3 +401,14 @@ def test_the_report_has_the_layer_section(tmp_path):
     path = build_report(tmp_path, tmp_path / "report.html")
     html = path.read_text()
     assert "Layer-level loss" in html and "relatively better than noise_zeros on larger layers" in html
+
+
+def test_the_spawned_worker_runs_a_layer_task():
+    """The launcher a CUDA run uses (``python -m bench.layer.worker``), exercised on the CPU."""
+    import sys
+
+    from bench.launchers import SpawnLauncher
+
+    outcome = SpawnLauncher([sys.executable, "-m", "bench.layer.worker"], decode=dict).launch(_task("noise_zeros"), 120)
+    assert outcome.status == "ok", outcome.reason
+    assert outcome.run["loss"][0] == pytest.approx(1.0, abs=1e-6) and len(outcome.run["loss"]) == 6

@@ -34,7 +34,7 @@ from ..launchers import ForkServerLauncher, Launcher, SpawnLauncher, fork_availa
 from ..results import OK, SKIPPED, append_row, check_writable, read_rows, repair
 from ..schema import FAILED, SCHEMA_VERSION
 from ..shapes import model_shapes, unique_shapes
-from ..suites import DEFAULT_LOSS_INITIALIZERS
+from ..suites import DEFAULT_LOSS_INITIALIZERS, check_seeds_and_lrs
 from .problem import ALIGNMENTS, ProblemSpec
 from .task import GRADIENTS, LayerTask
 from .worker import run_layer_task
@@ -87,19 +87,13 @@ class LayerConfig:
                 raise ValueError(f"--{key.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if isinstance(self.da_tokens, bool) or not isinstance(self.da_tokens, int) or self.da_tokens < 0:
             raise ValueError(f"--da-tokens must be an integer >= 0 (0: 2·d_in), got {self.da_tokens!r}")
-        if not self.seeds or not self.lrs or not self.alignments:
-            raise ValueError("--seeds, --lrs and --alignment each need at least one value")
-        for seed in self.seeds:
-            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-                raise ValueError(f"--seeds must be integers >= 0, got {seed!r}")
-        for lr in self.lrs:
-            if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-                raise ValueError(f"--lrs must be finite and > 0, got {lr!r}")
+        check_seeds_and_lrs(self.seeds, self.lrs)
+        if not self.alignments:
+            raise ValueError("--alignment needs at least one value")
         for alignment in self.alignments:
             if alignment not in ALIGNMENTS:
                 raise ValueError(f"--alignment must be among {', '.join(ALIGNMENTS)}, got {alignment!r}")
-        for flag, values in (("--seeds", self.seeds), ("--lrs", self.lrs), ("--initializers", self.initializers),
-                             ("--alignment", self.alignments)):
+        for flag, values in (("--initializers", self.initializers), ("--alignment", self.alignments)):
             if len(set(values)) != len(values):
                 raise ValueError(f"{flag} lists a value twice: {values}")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):

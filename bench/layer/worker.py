@@ -15,7 +15,6 @@ import inspect
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from loram_ref import CollectContext, Invariant, LoraInit
 
 from ..environment import worker_environment
 from ..measure import cpu_peak, gpu_peak
-from ..worker import MEMORY_LIMIT_ENV, PHASE, RESULT_PREFIX, apply_memory_limit, failure_message
+from ..worker import PHASE, serve
 from .factored import AdapterState, train_layer
 from .problem import LayerProblem, Target, stable_seed
 from .task import LayerTask
@@ -204,16 +203,7 @@ def run_layer_task(task: LayerTask) -> dict[str, Any]:
 
 
 def main() -> int:
-    import traceback
-
-    task = LayerTask.from_dict(json.loads(sys.stdin.read()))
-    apply_memory_limit(int(os.environ.get(MEMORY_LIMIT_ENV) or 0))
-    try:
-        result = run_layer_task(task)
-    except Exception as exc:  # noqa: BLE001 - reported to the driver as this run's failure
-        result = failure_message(exc, traceback.format_exc().strip().splitlines()[-3:])
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-    return 0
+    return serve(LayerTask.from_dict, run_layer_task)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from loram_ref import CollectContext, StatisticsKind
 from ..environment import environment
 from ..results import append_rows, check_writable, export_kind, read_rows, repair
 from ..schema import SCHEMA_VERSION
-from ..suites import DEFAULT_LOSS_INITIALIZERS
+from ..suites import DEFAULT_LOSS_INITIALIZERS, check_seeds_and_lrs
 from .apply import apply_initializer, lora_layers, merge_lora_sb
 from .collect import Collected, collect_statistics
 from .data import Blocks, load_corpus, make_blocks
@@ -82,17 +82,9 @@ class LossConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if not self.seeds or not self.lrs:
-            raise ValueError("--seeds and --lrs each need at least one value")
-        for seed in self.seeds:
-            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-                raise ValueError(f"--seeds must be integers >= 0, got {seed!r}")
-        for lr in self.lrs:
-            if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-                raise ValueError(f"--lrs must be finite and > 0, got {lr!r}")
-        for flag, values in (("--seeds", self.seeds), ("--lrs", self.lrs), ("--initializers", self.initializers)):
-            if len(set(values)) != len(values):
-                raise ValueError(f"{flag} lists a value twice: {values}")
+        check_seeds_and_lrs(self.seeds, self.lrs)
+        if len(set(self.initializers)) != len(self.initializers):
+            raise ValueError(f"--initializers lists a value twice: {self.initializers}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"--alpha must be finite and > 0, got {self.alpha}")
         if self.scaling not in SCALINGS:
