@@ -254,12 +254,16 @@ def _report(results_dir: Path, out: Path, comparison=None, title: str = "loram-b
     return 0
 
 
+#: The results files a folder can hold; a report needs at least one.
+RESULT_FILES = ("init.jsonl", "loss.jsonl", "layer_loss.jsonl")
+
+
 def cmd_report(args) -> int:
     if not args.results.exists():
         raise FileNotFoundError(f"no results folder or file at {args.results}; run `loram-bench run` or `quick` first")
     folder = args.results if args.results.is_dir() else args.results.parent
-    if not any((folder / name).is_file() for name in ("init.jsonl", "loss.jsonl")) and args.results.is_dir():
-        raise FileNotFoundError(f"{args.results} holds no init.jsonl or loss.jsonl; is it a loram-bench results folder?")
+    if not any((folder / name).is_file() for name in RESULT_FILES) and args.results.is_dir():
+        raise FileNotFoundError(f"{args.results} holds none of {', '.join(RESULT_FILES)}; is it a loram-bench results folder?")
     return _report(args.results, args.out or folder / "report.html")
 
 

@@ -412,3 +412,14 @@ def test_the_spawned_worker_runs_a_layer_task():
     outcome = SpawnLauncher([sys.executable, "-m", "bench.layer.worker"], decode=dict).launch(_task("noise_zeros"), 120)
     assert outcome.status == "ok", outcome.reason
     assert outcome.run["loss"][0] == pytest.approx(1.0, abs=1e-6) and len(outcome.run["loss"]) == 6
+
+
+def test_report_command_accepts_a_folder_with_only_layer_results(tmp_path):
+    from bench.cli import main
+    from bench.results import append_rows
+
+    append_rows(tmp_path / "layer_loss.jsonl", [
+        {**r, "schema_version": 2, "loss": [1.0, r["final_loss"]], "update_norm": [0.0, 1.0]}
+        for r in _synthetic_rows(-0.05, 0.2)])
+    assert main(["report", str(tmp_path)]) == 0
+    assert "Layer-level loss" in (tmp_path / "report.html").read_text()
