@@ -134,6 +134,16 @@ def apply_memory_limit(limit_bytes: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (size + int(limit_bytes), resource.RLIM_INFINITY))
 
 
+def begin_setup(threads: int, device: str) -> torch.device:
+    """A worker's first step: the "setup" phase, its thread count, its device (CUDA initialized)."""
+    PHASE["now"] = "setup"
+    torch.set_num_threads(threads)
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        torch.cuda.init()
+    return resolved
+
+
 def run_task(task: Task) -> dict[str, Any]:
     """Measure ``task`` in this process; the :class:`ProcessRun` as a dict.
 
@@ -141,12 +151,8 @@ def run_task(task: Task) -> dict[str, Any]:
     failure of the diagnostics does not cost the timings: the run is returned with
     ``diagnostics_error`` set.
     """
-    PHASE["now"] = "setup"
     started = time.perf_counter()
-    torch.set_num_threads(task.threads)
-    device = torch.device(task.device)
-    if device.type == "cuda":
-        torch.cuda.init()
+    device = begin_setup(task.threads, task.device)
     spec = loram_ref.get_initializer(task.initializer)
     weight = _make_weight(task, device)
     kwargs: dict[str, Any] = {**_make_stats(spec, task, device), **_measurement_kwargs(spec.fn), **task.options}

@@ -26,8 +26,8 @@ from loram_ref import CollectContext, Invariant, LoraInit
 
 from ..environment import worker_environment
 from ..measure import cpu_peak, gpu_peak
-from ..worker import PHASE, serve
-from .factored import AdapterState, train_layer
+from ..worker import PHASE, begin_setup, serve
+from .factored import AdapterState, gram_norm_sq, train_layer
 from .problem import LayerProblem, Target, stable_seed
 from .task import LayerTask
 
@@ -113,8 +113,7 @@ def compute_init(task: LayerTask, problem: LayerProblem, target: Target) -> tupl
 def _delta_norm(init: LoraInit) -> float:
     """``‖s·B·(R)·A‖_F`` from the factors."""
     p = init.B.double() @ init.R.double() if init.R is not None else init.B.double()
-    a = init.A.double()
-    return init.scaling * math.sqrt(max(0.0, float(((p.mT @ p) * (a @ a.mT)).sum())))
+    return init.scaling * math.sqrt(max(0.0, float(gram_norm_sq(p, init.A.double().mT))))
 
 
 def _cache_path(task: LayerTask) -> Path | None:
@@ -145,12 +144,8 @@ def cached_init(task: LayerTask, problem: LayerProblem, target: Target) -> tuple
 
 def run_layer_task(task: LayerTask) -> dict[str, Any]:
     """One run in this process: the measured fields of its row."""
-    PHASE["now"] = "setup"
     started = time.perf_counter()
-    torch.set_num_threads(task.threads)
-    device = torch.device(task.device)
-    if device.type == "cuda":
-        torch.cuda.init()
+    device = begin_setup(task.threads, task.device)
     spec = loram_ref.get_initializer(task.initializer)
     problem = LayerProblem(task.d_out, task.d_in, task.seed, task.problem_spec, device)
     target = problem.target(task.alignment)
