@@ -240,16 +240,19 @@ def _init_options(items: list[str] | None, initializers: list[str]) -> dict[str,
     return options
 
 
-def _write_report(results_dir: Path, out: Path, comparison=None, title: str = "loram-bench report") -> Path:
-    from reports.html import build_report
+def _write_report(results_dir: Path, out: Path, comparison=None, title: str = "loram-bench report",
+                  comparison_note: str | None = None) -> Path:
+    from reports.html import COMPARE_NOTE, build_report
 
     from .suites import SPEEDUP_REFERENCE
 
-    return build_report(results_dir, out, comparison=comparison, title=title, speedup_reference=SPEEDUP_REFERENCE)
+    return build_report(results_dir, out, comparison=comparison, title=title, speedup_reference=SPEEDUP_REFERENCE,
+                        comparison_note=comparison_note or COMPARE_NOTE)
 
 
-def _report(results_dir: Path, out: Path, comparison=None, title: str = "loram-bench report") -> int:
-    path = _write_report(results_dir, out, comparison, title)
+def _report(results_dir: Path, out: Path, comparison=None, title: str = "loram-bench report",
+            comparison_note: str | None = None) -> int:
+    path = _write_report(results_dir, out, comparison, title, comparison_note)
     print(f"report: {path.resolve()}")
     return 0
 
@@ -284,6 +287,78 @@ def cmd_compare(args) -> int:
     return code
 
 
+def cmd_continuous(args) -> int:
+    import loram_ref
+
+    from .continuous import ContinuousConfig, run_continuous
+    from .gate import GateRule
+    from .plant import parse_slow_down
+    from .suites import QUICK_PRESETS
+
+    _check_device(args.device)
+    config = ContinuousConfig(
+        base_rev=args.base_rev, presets=args.preset or ([] if args.shape else list(QUICK_PRESETS)),
+        shapes=args.shape or [], initializers=args.initializers, rank=args.rank, dtype=args.dtype, device=args.device,
+        threads=args.threads,
+        rule=GateRule(args.screen_rounds, args.confirm_rounds, args.threshold, args.memory_threshold, args.margin),
+        limit_s=args.limit, slow_down=parse_slow_down(args.slow_down, loram_ref.INITIALIZERS),
+        memory_limit_bytes=args.memory_limit)
+    result = run_continuous(config, args.out, progress=not args.no_progress, history=args.history)
+    print(result.summary())
+    rule = config.rule
+    note = (f"The gate: per cell, rounds of one worker process per side, order alternating (A B, B A). ratio = NEW / "
+            f"BASE, the geometric mean over rounds of each round's ratio of medians, with its 95 % t-interval. The "
+            f"{rule.screen_rounds} screening rounds flag a ratio beyond 1 ± {rule.threshold:g} or a median peak-memory "
+            f"change beyond {rule.memory_threshold:.0%} and 1 MiB; a flagged cell counts only when "
+            f"{rule.confirm_rounds} fresh rounds, taken after every cell was screened, flag it again in the same "
+            f"direction, their 95 % interval beyond 1 ± {rule.margin:g}. resolution: the smallest slowdown a cell "
+            f"would confirm at the noise its rounds showed. The table, the init times below and both sides' pyperf "
+            f"files are in {args.out}.")
+    _report(args.out, args.out / "report.html", comparison=gate_table(result.decisions),
+            title=f"loram-bench continuous: {result.base.commit[:10]} -> {result.new.commit[:16]}", comparison_note=note)
+    code = result.exit_code
+    print({0: "gate: no regression", 1: "gate: REGRESSION (confirmed)",
+           3: "gate: COULD NOT MEASURE some cells on one side"}[code] + f" ({result.seconds:.0f} s)")
+    return code
+
+
+def cmd_gate_error_rates(args) -> int:
+    from .gate import GateRule
+    from .gate_rates import rate_table
+
+    if not (math.isfinite(args.factor) and args.factor > 1):
+        raise ValueError(f"--factor must be a finite number > 1, got {args.factor}")
+    if args.draws < 100:
+        raise ValueError(f"--draws must be >= 100, got {args.draws}")
+    rules = [GateRule(s, c, t, args.memory_threshold, m) for s in args.screen_rounds for c in args.confirm_rounds
+             for t in args.thresholds for m in args.margins]
+    for rule in rules:
+        rule.validate()
+    table = rate_table(args.rounds, rules, args.factor, args.draws, args.target)
+    if table.empty:
+        raise ValueError("no rule fits: every file has fewer rounds per cell than --screen-rounds + --confirm-rounds")
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4f}".format):
+        print(table.drop(columns=["file"]).to_string(index=False))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+        print(f"table: {args.out}")
+    return 0
+
+
+def gate_table(decisions):
+    """The gate's decisions as the report's comparison table."""
+    import pandas as pd
+
+    columns = ["verdict", "stage", "initializer", "shape", "dtype", "device", "threads", "time_ratio", "resolution", "screen_ratio",
+               "screen_low", "screen_high", "confirm_ratio", "confirm_low", "confirm_high", "memory_ratio",
+               "base_median_s", "new_median_s", "rounds", "detail"]
+    frame = pd.DataFrame(decisions)
+    return frame[[c for c in columns if c in frame.columns]]
+
+
 def cmd_quick(args) -> int:
     from .quick import run_quick
 
@@ -304,6 +379,8 @@ def cmd_quick(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     import loram_ref
 
+    from .continuous import GATE_LIMIT_S
+    from .gate import GateRule
     from .suites import DEFAULT_LOSS_INITIALIZERS
 
     names = sorted(loram_ref.INITIALIZERS)
@@ -428,6 +505,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=None, help="write the comparison into this HTML report")
     p.add_argument("--history", type=Path, default=None, help="append NEW to this history file")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("continuous", help="regression gate: BASE_REV and the working tree measured interleaved in one "
+                                          "job; exit 1 on a confirmed slowdown or memory growth, 3 if unmeasurable")
+    p.add_argument("base_rev", metavar="BASE_REV", help="the revision to compare against (e.g. HEAD~1, main, a commit)")
+    p.add_argument("--preset", action="append", default=None,
+                   help="preset, config.json or model folder (repeatable; default: the quick suite's presets)")
+    p.add_argument("--shape", action="append", type=parse_shape, metavar="MxN", help="a layer shape to gate as well")
+    p.add_argument("--initializers", nargs="+", choices=names, default=None, help="default: all")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: 2 on CPU)")
+    p.add_argument("--screen-rounds", type=int, default=GateRule.screen_rounds,
+                   help="rounds (one process per side, order alternating) every cell gets")
+    p.add_argument("--confirm-rounds", type=int, default=GateRule.confirm_rounds,
+                   help="fresh rounds a flagged cell gets; it counts only if they flag it again")
+    p.add_argument("--threshold", type=float, default=GateRule.threshold,
+                   help="flag a time ratio beyond 1 + this (or below 1/(1 + this))")
+    p.add_argument("--memory-threshold", type=float, default=GateRule.memory_threshold,
+                   help="flag peak-memory growth beyond this fraction (and 1 MiB)")
+    p.add_argument("--margin", type=float, default=GateRule.margin,
+                   help="confirming rounds' 95%% interval must lie beyond 1 + this")
+    p.add_argument("--limit", type=float, default=GATE_LIMIT_S,
+                   help="seconds a worker may be predicted to take; slower cells are not gated (listed)")
+    p.add_argument("--memory-limit", type=parse_size, default=None, metavar="SIZE", help="cap each worker's extra memory")
+    p.add_argument("--slow-down", action="append", metavar="NAME=FACTOR",
+                   help="self-test: make the working tree's NAME slower by FACTOR (e.g. loram_dst=1.3; repeatable)")
+    p.add_argument("--history", type=Path, default=None, help="history file to append to (default: OUT/history.jsonl)")
+    p.add_argument("--out", type=Path, default=Path("results-gate"), help="output folder (default: results-gate/)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_continuous)
+
+    p = sub.add_parser("gate-error-rates", help="the gate's false-alarm rate and power, replayed from A/A rounds "
+                                                "(continuous.jsonl files with many rounds per cell)")
+    p.add_argument("rounds", type=Path, nargs="+", help="continuous.jsonl files (or gate output folders) of A/A runs")
+    p.add_argument("--screen-rounds", type=int, nargs="+", default=[GateRule.screen_rounds])
+    p.add_argument("--confirm-rounds", type=int, nargs="+", default=[GateRule.confirm_rounds])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[GateRule.threshold])
+    p.add_argument("--memory-threshold", type=float, default=GateRule.memory_threshold)
+    p.add_argument("--margins", type=float, nargs="+", default=[GateRule.margin])
+    p.add_argument("--factor", type=float, default=1.3, help="the planted slowdown whose detection rate is measured")
+    p.add_argument("--target", default=None, help="also report the power for this initializer")
+    p.add_argument("--draws", type=int, default=20000, help="simulated gate runs per cell")
+    p.add_argument("--out", type=Path, default=None, help="write the table as CSV here")
+    p.set_defaults(func=cmd_gate_error_rates)
 
     p = sub.add_parser("quick", help="the quick suite of `tox -e bench`: init cost, loss runs, report")
     p.add_argument("--skip-loss", action="store_true")

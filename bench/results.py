@@ -208,5 +208,12 @@ def export(rows: list[dict[str, Any]], out_dir: Path, stem: str) -> tuple[Path, 
 
 
 def export_kind(rows: list[dict[str, Any]], out_dir: Path, kind: str) -> tuple[Path, Path]:
-    """:func:`export` the rows of one ``kind`` ("init", "loss", "loss_summary") as ``kind.csv/json``."""
-    return export([r for r in rows if r.get("kind") == kind], out_dir, kind)
+    """:func:`export` the rows of one ``kind`` ("init", "loss", "loss_summary") as ``kind.csv/json``;
+    init rows also as ``init.pyperf.json`` (``bench.pyperf_format``)."""
+    chosen = [r for r in rows if r.get("kind") == kind]
+    paths = export(chosen, out_dir, kind)
+    if kind == "init":
+        from .pyperf_format import write_pyperf
+
+        write_pyperf(chosen, out_dir / "init.pyperf.json")
+    return paths

@@ -117,21 +117,7 @@ class Runner:
         cell.calibration = cal.fields()
 
     def predict(self, task: Task, rows: list[dict[str, Any]]) -> float | None:
-        """Predicted wall time of the whole worker from finished rows of the same family."""
-        kin = [r for r in rows if "initializer" in r and family(r) == family(task)]
-        size = costlaw.size_variable(task.initializer, task.d_out, task.d_in)
-        if any(r.get("status") == TIMEOUT and costlaw.size_variable(task.initializer, r["d_out"], r["d_in"]) <= size
-               and r.get("run_id") == self.run_id for r in kin):
-            return float("inf")  # a smaller shape already ran out of time in this run
-        same = [r for r in kin if r.get("status") == OK]
-        law = costlaw.fit_rows(same, task.initializer, metric="median_s", largest=1)  # the extrapolation law
-        if law is None:
-            return None
-        per_call = law.predict(size)
-        calls = 1 + task.warmups + task.min_values + 1  # cold, warm-ups, values, memory pass
-        largest = max(same, key=lambda r: costlaw.size_variable(task.initializer, r["d_out"], r["d_in"]))
-        cold_extra = max(0.0, (largest.get("first_s") or 0.0) - largest["median_s"])  # one-time library set-up
-        return per_call * calls + cold_extra
+        return predict_worker_s(task, rows, self.run_id)
 
     def execute(self, task: Task, predicted: float | None = None) -> Measurement:
         """Run the task's worker process(es) and merge them into one cell, or the failure.
@@ -156,6 +142,25 @@ class Runner:
             return merge_runs(task, runs, predicted_s=predicted)
         except SchemaError as exc:
             return Measurement(task, FAILED, reason=f"runs could not be merged: {exc}", predicted_s=predicted)
+
+
+def predict_worker_s(task: Task, rows: list[dict[str, Any]], run_id: str) -> float | None:
+    """Predicted wall time of one worker of ``task`` from finished rows of the same family
+    (``inf`` when a smaller shape already timed out in run ``run_id``; None without a law)."""
+    kin = [r for r in rows if "initializer" in r and family(r) == family(task)]
+    size = costlaw.size_variable(task.initializer, task.d_out, task.d_in)
+    if any(r.get("status") == TIMEOUT and costlaw.size_variable(task.initializer, r["d_out"], r["d_in"]) <= size
+           and r.get("run_id") == run_id for r in kin):
+        return float("inf")  # a smaller shape already ran out of time in this run
+    same = [r for r in kin if r.get("status") == OK]
+    law = costlaw.fit_rows(same, task.initializer, metric="median_s", largest=1)  # the extrapolation law
+    if law is None:
+        return None
+    per_call = law.predict(size)
+    calls = 1 + task.warmups + task.min_values + 1  # cold, warm-ups, values, memory pass
+    largest = max(same, key=lambda r: costlaw.size_variable(task.initializer, r["d_out"], r["d_in"]))
+    cold_extra = max(0.0, (largest.get("first_s") or 0.0) - largest["median_s"])  # one-time library set-up
+    return per_call * calls + cold_extra
 
 
 def run_interleaved(first: Runner, second: Runner, tasks: list[Task]) -> tuple[list[dict], list[dict]]:

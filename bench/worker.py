@@ -151,6 +151,8 @@ def run_task(task: Task) -> dict[str, Any]:
     failure of the diagnostics does not cost the timings: the run is returned with
     ``diagnostics_error`` set.
     """
+    import loram_ref  # the one imported now: a comparison's worker has swapped in its tree's (bench.trees)
+
     started = time.perf_counter()
     device = begin_setup(task.threads, task.device)
     spec = loram_ref.get_initializer(task.initializer)

@@ -292,19 +292,51 @@ def magnitude_scatter(summary: pd.DataFrame, relation: pd.DataFrame) -> go.Figur
 
 
 def history_trend(history: pd.DataFrame) -> go.Figure:
-    """Median init time per run (x: run order) for each initializer; dropdown: shape."""
+    """Median init time per run (x: run order) for each initializer; dropdown: shape.
+
+    ``change`` rows (``loram-bench continuous``: a change the gate confirmed) are drawn on
+    the point of the run that confirmed them: a red triangle up for a slowdown or memory
+    growth, a green triangle down for a speedup, with the ratio and its interval on hover.
+    """
+    kind = history["kind"] if "kind" in history else pd.Series("history", index=history.index)
+    changes, history = history[kind.eq("change")], history[~kind.eq("change")]
     traces: dict[str, list] = {}
     runs = {rid: i for i, rid in enumerate(dict.fromkeys(history["run_id"]))}
-    for shape, g in history.groupby("shape", sort=False):
+    points = history.assign(order=history["run_id"].map(runs))
+    for shape, g in points.groupby("shape", sort=False):
         items = []
         for name, h in g.groupby("initializer"):
-            h = h.assign(order=h["run_id"].map(runs)).sort_values("order")
+            h = h.sort_values("order")
             custom = np.stack([h["initializer"], h["shape"], h["git_commit"].str[:10], h["machine"]], axis=-1)
             items.append(go.Scatter(x=h["order"], y=h["median_s"], name=name, mode="lines+markers", line={"color": color(name)},
                                     customdata=custom, hovertemplate="<b>%{customdata[0]}</b> %{customdata[1]}<br>commit %{customdata[2]}<br>%{customdata[3]}<br>median %{y:.5g} s<extra></extra>"))
-        traces[shape] = items
-    return with_views(traces, {"title": "History: median init time per run", "xaxis": {"title": "run (oldest first)"},
-                               "yaxis": {"type": "log", "title": "seconds"}}, "shape")
+        marks = _change_marks(changes[changes["shape"] == shape] if not changes.empty else changes, g)
+        traces[shape] = items + marks
+    return with_views(traces, {"title": "History: median init time per run (triangles: changes the gate confirmed)",
+                               "xaxis": {"title": "run (oldest first)"}, "yaxis": {"type": "log", "title": "seconds"}},
+                      "shape")
+
+
+def _change_marks(changes: pd.DataFrame, points: pd.DataFrame) -> list[go.Scatter]:
+    """Markers for confirmed changes, placed on the history point of the same run and cell."""
+    if changes.empty:
+        return []
+    own = changes.drop(columns=[c for c in ("order", "median_s") if c in changes])  # one frame: these are NaN here
+    placed = own.merge(points[["run_id", "task_key", "order", "median_s"]], on=["run_id", "task_key"], how="inner")
+    out = []
+    for worse, symbol, colour, label in ((True, "triangle-up", "#c0392b", "confirmed slower / more memory"),
+                                         (False, "triangle-down", "#1e8449", "confirmed faster / less memory")):
+        bad = placed["verdict"].str.contains("slower|more memory")
+        part = placed[bad if worse else ~bad]
+        if part.empty:
+            continue
+        text = [f"<b>{r.initializer}</b> {r.shape}: {r.verdict}<br>time x{r.time_ratio:.3f} "
+                f"[{r.confirm_low:.3f}, {r.confirm_high:.3f}]<br>{str(r.base_commit)[:10]} -> {str(r.git_commit)[:10]}"
+                for r in part.itertuples()]
+        out.append(go.Scatter(x=part["order"], y=part["median_s"], mode="markers", name=label, text=text,
+                              marker={"symbol": symbol, "size": 15, "color": colour, "line": {"width": 1, "color": "black"}},
+                              hovertemplate="%{text}<extra></extra>"))
+    return out
 
 
 def fidelity_by_niter(table: pd.DataFrame) -> go.Figure:

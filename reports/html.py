@@ -237,14 +237,22 @@ def _layer_section(data) -> str:
     return "".join(parts)
 
 
+#: How ``loram-bench compare`` decides (the default note of the comparison table).
+COMPARE_NOTE = ("ratio = NEW / BASE of the median; p from a two-sided Mann-Whitney U test on the raw values; flagged "
+                "only when significant and beyond the threshold.")
+VERDICT_CSS = {"slower": "bad", "more memory": "bad", "slower, more memory": "bad", "faster": "good",
+               "less memory": "good", "faster, less memory": "good", "unmeasurable": "warn", "not confirmed": "warn"}
+
+
 def build_report(results: Path, out: Path, comparison: pd.DataFrame | None = None, title: str = "loram-bench report",
-                 speedup_reference: str = SPEEDUP_REFERENCE) -> Path:
+                 speedup_reference: str = SPEEDUP_REFERENCE, comparison_note: str = COMPARE_NOTE) -> Path:
     """Write the report of a results folder (or an init.jsonl) to ``out``; return its path.
 
-    ``speedup_reference`` is the initializer whose time the speedup chart divides by.
+    ``speedup_reference`` is the initializer whose time the speedup chart divides by;
+    ``comparison_note`` says how the ``comparison`` table was decided.
     """
     data = load_results(results)
-    sections = render_sections(data, comparison, speedup_reference)
+    sections = render_sections(data, comparison, speedup_reference, comparison_note)
     nav = " ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t, _ in sections)
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     page = (
@@ -269,15 +277,13 @@ def _metric_legend() -> str:
 
 
 def render_sections(data: ResultSet, comparison: pd.DataFrame | None,
-                    speedup_reference: str = SPEEDUP_REFERENCE) -> list[tuple[str, str, str]]:
+                    speedup_reference: str = SPEEDUP_REFERENCE, comparison_note: str = COMPARE_NOTE
+                    ) -> list[tuple[str, str, str]]:
     sections: list[tuple[str, str, str]] = []
     if comparison is not None and not comparison.empty:
-        verdict_css = comparison["verdict"].map({"slower": "bad", "more memory": "bad", "faster": "good",
-                                                 "less memory": "good", "unmeasurable": "warn"}).fillna("")
+        verdict_css = comparison["verdict"].map(VERDICT_CSS).fillna("")
         sections.append(("comparison", "Comparison with the baseline",
-                         '<p class="note">ratio = NEW / BASE of the median; p from a two-sided Mann-Whitney U test on '
-                         'the raw values; flagged only when significant and beyond the threshold.</p>'
-                         + table_html(comparison, classes=verdict_css)))
+                         f'<p class="note">{html.escape(comparison_note)}</p>' + table_html(comparison, classes=verdict_css)))
     init = data.init
     if not init.empty:
         laws = cost_laws(init)
