@@ -118,21 +118,32 @@ def side_launcher(tree: Tree, device: str) -> Launcher:
 
 @dataclass
 class CellResult:
-    """A cell's rounds so far, per stage and side, and its failure if it has one."""
+    """A cell's runs so far, per stage and side, keyed by round index, and its failure if
+    it has one. A round counts once both of its sides have finished."""
 
     task: Task
-    runs: dict[tuple[str, str], list[ProcessRun]] = field(default_factory=dict)
+    runs: dict[tuple[str, str], dict[int, ProcessRun]] = field(default_factory=dict)
     failure: str = ""
     skipped: str = ""
     predicted_s: float | None = None
 
+    def complete(self, stage: str) -> list[int]:
+        """The round indices of ``stage`` that both sides finished, in order."""
+        return sorted(set(self.runs.get((stage, BASE), {})) & set(self.runs.get((stage, NEW), {})))
+
+    def next_index(self, stage: str, offset: int) -> int:
+        """A round index not used yet in ``stage`` (a round whose second side failed keeps its own)."""
+        used = [i for side in (BASE, NEW) for i in self.runs.get((stage, side), {})]
+        return max(used) + 1 if used else offset
+
     def pairs(self, stage: str) -> list[Pair]:
-        base, new = self.runs.get((stage, BASE), []), self.runs.get((stage, NEW), [])
-        return [Pair(b.values_s, n.values_s, b.peak_cpu_extra_bytes or b.peak_gpu_allocated_bytes,
-                     n.peak_cpu_extra_bytes or n.peak_gpu_allocated_bytes) for b, n in zip(base, new)]
+        base, new = self.runs.get((stage, BASE), {}), self.runs.get((stage, NEW), {})
+        return [Pair(base[i].values_s, new[i].values_s, base[i].peak_cpu_extra_bytes or base[i].peak_gpu_allocated_bytes,
+                     new[i].peak_cpu_extra_bytes or new[i].peak_gpu_allocated_bytes) for i in self.complete(stage)]
 
     def side_runs(self, side: str) -> list[ProcessRun]:
-        return [r for stage in (SCREEN, CONFIRM) for r in self.runs.get((stage, side), [])]
+        """Every run of ``side`` in a complete round, screen first."""
+        return [self.runs[(stage, side)][i] for stage in (SCREEN, CONFIRM) for i in self.complete(stage)]
 
 
 @dataclass
@@ -178,16 +189,10 @@ class GateRun:
                 continue
             if any(row.get(k) != v for k, v in ctx.items()):
                 continue
-            cell = self.cells[row["task_key"]]
             if row.get("status") == OK:
-                cell.runs.setdefault((row["stage"], row["side"]), []).append(ProcessRun.from_dict(row["run"]))
+                cell = self.cells[row["task_key"]]
+                cell.runs.setdefault((row["stage"], row["side"]), {})[row["round"]] = ProcessRun.from_dict(row["run"])
                 reused += 1
-        for cell in self.cells.values():  # a round counts only when both of its sides finished
-            for stage in (SCREEN, CONFIRM):
-                n = min(len(cell.runs.get((stage, BASE), [])), len(cell.runs.get((stage, NEW), [])))
-                for side in (BASE, NEW):
-                    if (stage, side) in cell.runs:
-                        del cell.runs[(stage, side)][n:]
         return reused
 
     def _record(self, task: Task, stage: str, index: int, side: str, slot: int, status: str, run: ProcessRun | None,
@@ -202,16 +207,12 @@ class GateRun:
         append_row(self.rounds_path, row)
 
     def measure(self, cell: CellResult, stage: str, rounds: int, offset: int, say: Callable[[str], None]) -> None:
-        """Take ``stage``'s missing rounds of ``cell``: round ``i`` runs base first when
-        ``offset + i`` is even, new first when odd (A B, B A, ...)."""
+        """Take ``stage``'s missing rounds of ``cell``: a round with an even index runs base
+        first, an odd one new first (A B, B A, ...); ``offset`` is the stage's first index."""
         task = cell.task
-        done = len(cell.runs.get((stage, BASE), []))
-        for i in range(done, rounds):
-            if cell.failure:
-                return
-            index = offset + i
+        while len(cell.complete(stage)) < rounds and not cell.failure:
+            index = cell.next_index(stage, offset)
             order = (BASE, NEW) if index % 2 == 0 else (NEW, BASE)
-            got: dict[str, ProcessRun] = {}
             for slot, side in enumerate(order):
                 outcome = self.launchers[side].launch(task, self.config.kill_after_s, self.config.memory_limit_bytes)
                 if outcome.status != OK:
@@ -220,14 +221,12 @@ class GateRun:
                     cell.failure = reason[:500]
                     say(f"  {task.initializer} {task.d_out}x{task.d_in}: {reason[:300]}")
                     return
-                got[side] = outcome.run
+                cell.runs.setdefault((stage, side), {})[index] = outcome.run
                 self._record(task, stage, index, side, slot, OK, outcome.run)
-            for side, run in got.items():
-                cell.runs.setdefault((stage, side), []).append(run)
 
     def predicted(self, task: Task) -> float | None:
         """The new side's predicted time per worker, from the cells measured so far."""
-        rows = [_prediction_row(c) for c in self.cells.values() if c.runs.get((SCREEN, NEW))]
+        rows = [_prediction_row(c) for c in self.cells.values() if c.complete(SCREEN)]
         return predict_worker_s(task, rows, self.run_id)
 
     def screen(self, tasks: list[Task]) -> None:
@@ -235,7 +234,7 @@ class GateRun:
         for task in bar:
             bar.set_postfix_str(f"{task.initializer} {task.d_out}x{task.d_in}")
             cell = self.cells[task.key]
-            if not cell.runs.get((SCREEN, BASE)):
+            if not cell.complete(SCREEN):
                 cell.predicted_s = self.predicted(task)
                 if cell.predicted_s is not None and cell.predicted_s > self.config.limit_s:
                     cell.skipped = f"predicted {cell.predicted_s:.1f} s per worker > --limit {self.config.limit_s:g} s"
@@ -262,7 +261,7 @@ class GateRun:
 
 
 def _prediction_row(cell: CellResult) -> dict[str, Any]:
-    runs = cell.runs[(SCREEN, NEW)]
+    runs = cell.side_runs(NEW)
     values = [v for r in runs for v in r.values_s]
     firsts = [r.first_s for r in runs if r.first_s is not None]
     return {**identity(cell.task), "status": OK, "run_id": "", "median_s": statistics.median(values) if values else None,

@@ -22,7 +22,8 @@ The gate decides in two stages (asv's ``continuous`` and its confirmation):
 
 The interval is what makes the rule fit every cell: on this 2-core machine a cell of a
 few hundred microseconds varies by ±40 % from one process to the next (whole processes
-run in a fast or a slow mode), a 20 ms cell by ±2-8 %. A fixed threshold alone would
+run in a fast or a slow mode), a 20 ms cell by ±2-8 % when the machine is quiet and up
+to ±30 % when it is busy. A fixed threshold alone would
 either flag the noisy cells of an A/A run or miss 30 % in the quiet ones; the interval
 lets a quiet cell confirm a 1.3x change in a few rounds while a noisy one cannot confirm
 a change its rounds do not resolve. Each cell's *resolution* (the smallest slowdown its
@@ -60,7 +61,7 @@ class GateRule:
     """
 
     screen_rounds: int = 3
-    confirm_rounds: int = 6
+    confirm_rounds: int = 8
     threshold: float = 0.15
     memory_threshold: float = 0.05
     margin: float = 0.10

@@ -123,12 +123,37 @@ def load_tree(tree: Tree):
     return module
 
 
+#: What :func:`shuffle_layout` allocated: kept alive for the worker's life.
+_LAYOUT: list[Any] = []
+
+
+def shuffle_layout() -> None:
+    """Give this process a memory layout of its own (Stabilizer's idea: Curtsinger & Berger,
+    ASPLOS 2013). A forked worker inherits the fork server's address space, and the steps a
+    side's workers take before measuring are the same every time, so without this every
+    worker of one side would get the same heap and mmap addresses: measured here, the small
+    noise-init cells then ran in one speed mode (150 µs) on one side and another (300 µs)
+    on the other for a whole run, a 2x "regression" between two identical trees. A few
+    random-sized heap blocks and one random-sized anonymous mapping shift every later
+    allocation, so the mode is drawn per process and falls on both sides alike."""
+    import mmap
+    import os
+    import random
+
+    rng = random.Random(os.urandom(16))  # forked children share the parent's random state
+    _LAYOUT.extend(bytearray(rng.randrange(1 << 10, 1 << 16)) for _ in range(rng.randrange(1, 9)))
+    _LAYOUT.append(mmap.mmap(-1, rng.randrange(1, 1 << 10) * mmap.PAGESIZE))
+
+
 def run_tree_task(tree: Tree, task) -> dict[str, Any]:
-    """A worker's body: the task measured with ``tree``'s initializers (``bench.worker.run_task``)."""
+    """A worker's body: the task measured with ``tree``'s initializers (``bench.worker.run_task``),
+    in a memory layout of its own (:func:`shuffle_layout`, before and after the import)."""
     from .worker import PHASE, run_task
 
     PHASE["now"] = "setup"
+    shuffle_layout()
     load_tree(tree)
+    shuffle_layout()
     return run_task(task)
 
 

@@ -298,6 +298,52 @@ def test_a_missing_initializer_on_one_side_is_unmeasurable_and_a_rerun_reuses_ro
     assert sum(lau.calls for lau in launchers.values()) - calls == 1
 
 
+class _Scripted:
+    """A launcher without processes: every launch returns ``value`` seconds per call, or
+    a crash on the launch numbers in ``crash_on``."""
+
+    name = "scripted"
+
+    def __init__(self, value: float, crash_on=()):
+        self.value, self.crash_on, self.calls = value, set(crash_on), 0
+
+    def launch(self, task, limit_s, memory_limit_bytes=None):
+        from bench.launchers import Outcome
+        from bench.schema import ProcessRun
+
+        self.calls += 1
+        if self.calls in self.crash_on:
+            return Outcome("crashed", reason="killed by signal 9")
+        return Outcome("ok", ProcessRun(task_key=task.key, first_s=2 * self.value, values_s=[self.value] * 3,
+                                        peak_cpu_extra_bytes=8 * MiB, environment={"side": self.value}))
+
+
+def test_a_round_whose_second_side_crashed_is_left_out_and_its_index_not_reused(tmp_path):
+    base = Tree(BASE, "/nowhere/base", "b" * 40, "fb")
+    new = Tree(NEW, "/nowhere/new", "n" * 40, "fn")
+    config = ContinuousConfig("HEAD", presets=[], shapes=[(64, 64)], initializers=["noise_zeros"], rule=GateRule(3, 6))
+    tasks = config.tasks()
+    first = GateRun(config, base, new, tmp_path, progress=False,
+                    launchers={BASE: _Scripted(1e-3), NEW: _Scripted(1.5e-3, crash_on={1})})
+    first.load(tasks)
+    first.screen(tasks)
+    (row,) = first.decision_rows()
+    assert row["verdict"] == "unmeasurable" and "new" in row["detail"] and "crashed" in row["detail"]
+    again = GateRun(config, base, new, tmp_path, progress=False,
+                    launchers={BASE: _Scripted(1e-3), NEW: _Scripted(1.5e-3)})
+    assert again.load(tasks) == 1  # round 0's base run, whose partner crashed
+    again.screen(tasks)
+    again.confirm()
+    cell = again.cells[tasks[0].key]
+    assert cell.complete("screen") == [1, 2, 3]  # round 0 stays incomplete; the next rounds take new indices
+    assert cell.complete("confirm") == [3, 4, 5, 6, 7, 8]
+    (row,) = again.decision_rows()
+    assert row["verdict"] == SLOWER and row["time_ratio"] == pytest.approx(1.5) and row["rounds"] == 9
+    rows = [json.loads(line) for line in (tmp_path / "continuous.jsonl").read_text().splitlines()]
+    firsts = {(r["stage"], r["round"]): r["side"] for r in rows if r["slot"] == 0}
+    assert firsts[("screen", 1)] == NEW and firsts[("screen", 2)] == BASE and firsts[("confirm", 3)] == NEW
+
+
 def test_cli_continuous_exit_codes_report_and_bad_input(tmp_path, capsys):
     out = tmp_path / "gate"
     code = main(["continuous", "HEAD", "--shape", "64x64", "--initializers", "loram_dst", "noise_zeros",
