@@ -216,6 +216,28 @@ def test_run_tree_task_measures_with_the_trees_code(tmp_path):
         sys.path[:] = path
 
 
+def _addresses_after_shuffle(task) -> dict:
+    """Worker body: shuffle this process's layout, then report where a small (heap) and a
+    large (mmapped, past glibc's threshold) tensor land."""
+    import torch
+
+    from bench.trees import shuffle_layout
+
+    shuffle_layout()
+    small, large = torch.empty(1024), torch.empty(1 << 16)
+    return {"small": small.data_ptr(), "large": large.data_ptr()}
+
+
+def test_forked_workers_get_layouts_of_their_own():
+    from bench.launchers import ForkServerLauncher
+    from bench.tasks import Task
+
+    launcher = ForkServerLauncher(_addresses_after_shuffle, decode=dict)
+    task = Task("noise_zeros", 8, 8, 1)
+    seen = [launcher.launch(task, 60).run for _ in range(4)]
+    assert len({s["large"] for s in seen}) == 4  # page-granular shifts of every later mapping
+
+
 def test_a_spawned_tree_worker_measures_with_the_trees_code(tmp_path):
     """The CUDA path's mechanism (``python -m bench.trees TREE_JSON``), run on CPU."""
     import sys
