@@ -30,13 +30,12 @@ from typing import Any
 import pandas as pd
 from scipy.stats import mannwhitneyu
 
+from .gate import MEMORY_FLOOR_BYTES, REGRESSIONS
 from .identity import IDENTITY_FIELDS
 from .metrics import Gate, gated
 from .results import OK, read_rows, to_frame
 
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_UNMEASURABLE = 0, 1, 2, 3
-MEMORY_FLOOR_BYTES = 1 << 20
-REGRESSIONS = ("slower", "more memory", "slower, more memory")
 
 
 @dataclass(frozen=True)
