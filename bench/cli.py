@@ -67,9 +67,12 @@ def cmd_shapes(args) -> int:
 
 def cmd_list(args) -> int:
     import loram_ref
+    from loram_ref.sharded import SHARDED
 
     for name, spec in sorted(loram_ref.INITIALIZERS.items()):
         print(f"{name:<13} [{spec.invariant.value}] {spec.summary}\n{'':<17}{spec.paper}")
+        if name in SHARDED:
+            print(f"{'':<17}sharded (loram-bench sharded): {SHARDED[name].summary}; sends {SHARDED[name].communication}")
     return 0
 
 
@@ -258,7 +261,7 @@ def _report(results_dir: Path, out: Path, comparison=None, title: str = "loram-b
 
 
 #: The results files a folder can hold; a report needs at least one.
-RESULT_FILES = ("init.jsonl", "loss.jsonl", "layer_loss.jsonl")
+RESULT_FILES = ("init.jsonl", "loss.jsonl", "layer_loss.jsonl", "sharded.jsonl")
 
 
 def cmd_report(args) -> int:
@@ -357,6 +360,28 @@ def gate_table(decisions):
                "base_median_s", "new_median_s", "rounds", "detail"]
     frame = pd.DataFrame(decisions)
     return frame[[c for c in columns if c in frame.columns]]
+
+
+def cmd_sharded(args) -> int:
+    from .sharded.run import RESULTS_FILE, ShardedConfig, run_sharded
+    from .shapes import model_shapes, unique_shapes
+
+    _check_device(args.device)
+    import loram_ref.sharded
+
+    shapes = list(dict.fromkeys([(s.d_out, s.d_in) for p in args.preset or [] for s in unique_shapes(model_shapes(p))]
+                                + list(args.shape or [])))
+    config = ShardedConfig(
+        initializers=args.initializers or list(loram_ref.sharded.SHARDED), shapes=shapes, world_sizes=args.world_size,
+        placements=args.placement, rank=args.rank, dtype=args.dtype, threads=args.threads or None,
+        device="cuda" if args.device.startswith("cuda") else args.device,
+        seed=args.seed, repeats=args.repeats, check=not args.no_check, limit_s=args.limit,
+    )
+    say = (lambda text: None) if args.no_progress else (lambda text: print(text, flush=True))
+    rows = run_sharded(config, args.out, say=say)
+    failed = [r for r in rows if r.get("kind") == "sharded" and r.get("status") != "ok"]
+    print(f"sharded results: {args.out / RESULTS_FILE} ({len(rows) - len(failed)} ok, {len(failed)} not measured)")
+    return _report(args.out, args.out / "report.html")
 
 
 def cmd_quick(args) -> int:
@@ -550,6 +575,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int, default=20000, help="simulated gate runs per cell")
     p.add_argument("--out", type=Path, default=None, help="write the table as CSV here")
     p.set_defaults(func=cmd_gate_error_rates)
+
+    p = sub.add_parser("sharded", help="sharded init on torch.distributed (torchrun, DTensor): time, per-rank peak "
+                                       "memory, bytes sent and the difference from one process, per world size")
+    p.add_argument("--world-size", type=int, nargs="+", required=True, metavar="N",
+                   help="ranks per launch (one launch per world size), e.g. --world-size 2 4")
+    p.add_argument("--preset", action="append", help="preset, config.json or model folder (repeatable)")
+    p.add_argument("--shape", action="append", type=parse_shape, metavar="MxN", help="a layer shape (repeatable)")
+    p.add_argument("--initializers", nargs="+", default=None,
+                   help="sharded initializers (default: all that have one; `loram-bench list` says which)")
+    p.add_argument("--placement", nargs="+", default=["row", "col"], choices=["row", "col"],
+                   help="shard W by rows (DTensor Shard(0)) and/or columns (Shard(1)); default both")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per rank)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (default: cores / world size on CPU)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls after the cold call")
+    p.add_argument("--limit", type=float, default=300.0,
+                   help="seconds a row may take (setup, calls, check) before all ranks are killed (a timeout row)")
+    p.add_argument("--no-check", action="store_true", help="skip the comparison with the single-process result")
+    p.add_argument("--seed", type=int, default=0)
+    _add_common_run_args(p)
+    p.set_defaults(func=cmd_sharded)
 
     p = sub.add_parser("quick", help="the quick suite of `tox -e bench`: init cost, loss runs, report")
     p.add_argument("--skip-loss", action="store_true")

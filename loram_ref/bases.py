@@ -28,7 +28,18 @@ def _dst_basis(dim: int, rank: int, dtype: torch.dtype, device: str) -> torch.Te
     Cached per (dim, rank, dtype, device): a model repeats a few shapes over all its
     layers (80 at 70B), and the sines are the same each time (O(d·r) memory per entry).
     """
-    i = torch.arange(1, dim + 1, dtype=torch.int64, device=device)
+    return dst_rows(dim, rank, 0, dim, dtype=dtype, device=device)
+
+
+def dst_rows(dim: int, rank: int, start: int, stop: int, *, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rows ``start:stop`` of :func:`dst_basis` ``(dim, rank)``, computed from their global indices.
+
+    The same closed form entry by entry, so a rank that holds rows ``start:stop`` of a
+    sharded weight gets the rows the whole basis has there (up to the last bit of a
+    vectorized sine), without computing the others (``loram_ref.sharded``).
+    """
+    i = torch.arange(start + 1, stop + 1, dtype=torch.int64, device=device)
     j = torch.arange(1, rank + 1, dtype=torch.int64, device=device)
     phase = torch.outer(i, j).remainder_(2 * (dim + 1))
     basis = torch.sin(phase.to(torch.float64).mul_(math.pi / (dim + 1))).mul_(math.sqrt(2.0 / (dim + 1)))

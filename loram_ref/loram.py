@@ -29,6 +29,10 @@ def loram_gain(weight_sq_norm: float, shape: tuple[int, int], rank: int) -> tupl
     return gain, beta
 
 
+#: The error for an all-zero W.
+ZERO_WEIGHT = ("weight is all zeros: LoRAM's amplitude β = (Q·‖W‖²/r)^¼ is 0, which gives a dead adapter (A = B = 0, both "
+               "gradients vanish); use a noise-zeros initializer for a zero weight")
+
 #: Elements per block of the norm pass: few enough blocks that a passive OpenMP pool's
 #: wake-ups do not add up (4 Mi: 56 blocks at 28672 x 8192), and a bf16 block is read in
 #: place (no up-cast copy).
@@ -38,6 +42,37 @@ NORM_BLOCK_ELEMENTS = 1 << 22
 def _basis_dtype(weight: object) -> torch.dtype:
     """Bases in float64 for a float64 W (so its factors keep float64 precision), else float32."""
     return torch.float64 if isinstance(weight, torch.Tensor) and weight.dtype == torch.float64 else torch.float32
+
+
+def loram_factors(sq_norm: float, shape: tuple[int, int], rank: int, phi_in: torch.Tensor, phi_out: torch.Tensor,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """``A = β·Φ_inᵀ``, ``B = β·Φ_out`` (paper Algorithm 1), with ``Q`` and ``β`` from ``‖W‖_F²``.
+
+    ``phi_in``/``phi_out`` may be any rows of the bases (a shard's, ``loram_ref.sharded``);
+    they are scaled in place. Returns ``(A, B, Q, β)`` with the factors in ``dtype``.
+    """
+    gain, beta = loram_gain(sq_norm, shape, rank)
+    a = phi_in.mT.mul_(beta).to(dtype).contiguous()  # A = β·Φ_inᵀ   (r x d_in)
+    b = phi_out.mul_(beta).to(dtype)  # B = β·Φ_out   (d_out x r)
+    return a, b, gain, beta
+
+
+def subtract_update(residual: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, sq_norm: float,
+                    name: str) -> None:
+    """``W_res = W − s·B·A`` in place on ``residual`` (paper Eq. 1 with α = s), proven finite.
+
+    One in-place GEMM from the factors as returned, so ``W_res + s·B·A`` reproduces ``W`` up
+    to one rounding of ``W_res`` in ``W``'s dtype. ``|W_res_ij| <= ‖W‖_F + s·max_i‖B_i‖·
+    max_j‖A_j‖`` (Cauchy-Schwarz): only a bound near the dtype's limit (fp16 at 65504)
+    needs the pass that proves the residual finite. Works on any block of ``W`` with its
+    rows of ``B`` and columns of ``A`` (a shard's).
+    """
+    residual.addmm_(b, a, alpha=-scaling)
+    if residual.numel() == 0:  # an empty shard (more ranks than rows)
+        return
+    bound = math.sqrt(sq_norm) + scaling * float(b.float().norm(dim=1).max()) * float(a.float().norm(dim=0).max())
+    if bound >= 0.5 * torch.finfo(residual.dtype).max:
+        check_residual(residual, name)  # an overflow is an error, never a silent Inf
 
 
 def _loram(
@@ -55,21 +90,10 @@ def _loram(
     # pass 1 over W (also the NaN/Inf check), in blocks no larger than the factors
     sq_norm = squared_norm(weight, block_elements=max(rank * (m + n), NORM_BLOCK_ELEMENTS))
     if sq_norm == 0.0:
-        raise ValueError("weight is all zeros: LoRAM's amplitude β = (Q·‖W‖²/r)^¼ is 0, which gives a dead adapter "
-                         "(A = B = 0, both gradients vanish); use a noise-zeros initializer for a zero weight")
-    gain, beta = loram_gain(sq_norm, (m, n), rank)
-    a = basis(n).mT.mul_(beta).to(weight.dtype).contiguous()  # A = β·Φ_inᵀ   (r x d_in)
-    b = basis(m).mul_(beta).to(weight.dtype)  # B = β·Φ_out   (d_out x r)
+        raise ValueError(ZERO_WEIGHT)
+    a, b, gain, beta = loram_factors(sq_norm, (m, n), rank, basis(n), basis(m), weight.dtype)
     residual = weight if inplace else weight.clone()
-    # W_res = W - s·B·A (paper Eq. 1 with α = s; Algorithm 1's W - β²ΦΦᵀ at s = 1), one
-    # in-place GEMM from the factors as returned, so W_res + s·B·A reproduces W up to
-    # one rounding of W_res in W's dtype.
-    residual.addmm_(b, a, alpha=-scaling)
-    # |W_res_ij| <= |W_ij| + s·|B_i·A_j| <= ‖W‖_F + s·max_i‖B_i‖·max_j‖A_j‖ (Cauchy-Schwarz): only a
-    # bound near the dtype's limit (fp16 at 65504) needs the pass that proves the residual finite
-    bound = math.sqrt(sq_norm) + scaling * float(b.float().norm(dim=1).max()) * float(a.float().norm(dim=0).max())
-    if bound >= 0.5 * torch.finfo(weight.dtype).max:
-        check_residual(residual, name)  # an overflow is an error, never a silent Inf
+    subtract_update(residual, a, b, scaling, sq_norm, name)
     return LoraInit(
         method=name,
         A=a,

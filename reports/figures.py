@@ -454,3 +454,100 @@ def layer_diff_by_size(table: pd.DataFrame, reference: str) -> go.Figure:
     return _by_alignment(best, "best_diff_mean", "best_diff_ci_low", "best_diff_ci_high",
                          f"Difference to {reference} against layer size<br><sub>paired over seeds, 95 % CI; "
                          "below 0: better; each at its best lr</sub>", f"error − {reference}'s", zero_line=True)
+
+
+#: Line dash per sharding placement in the sharded charts.
+PLACEMENT_DASH = {"row": "solid", "col": "dash"}
+
+
+def _sharded_hover(metric: str) -> str:
+    return ("<b>%{customdata[0]}</b> (%{customdata[1]} placement)<br>%{customdata[2]} ranks, shape %{customdata[3]}<br>"
+            f"{metric}: %{{customdata[4]}}<br>%{{customdata[5]}}<extra></extra>")
+
+
+def _per_rank(values, fmt) -> str:
+    if not isinstance(values, list) or not values:
+        return ""
+    return "per rank: " + ", ".join("?" if v is None else fmt(v) for v in values)
+
+
+def sharded_scaling(table: pd.DataFrame, metric: str) -> go.Figure:
+    """One sharded metric against the world size, a line per (initializer, placement),
+    a dropdown view per shape · device · dtype.
+
+    ``metric``: ``time`` (the slowest rank's median over the timed calls, bars from the
+    fastest to the slowest call), ``memory`` (the largest per-rank peak RSS above entry,
+    every rank on hover) or ``bytes`` (bytes sent per rank). A row that timed out is a
+    cross at its limit (time), or an open triangle at the peak its ranks had reached when
+    they were killed (memory: a lower bound).
+    """
+    spec = {
+        "time": ("time_s", "s", "seconds (slowest rank; bars: fastest to slowest call)"),
+        "memory": ("max_peak_cpu_extra_bytes", "MiB", "MiB per rank (the largest rank; 1024 MiB = 1 GiB)"),
+        "bytes": ("max_bytes_sent", "B", "bytes sent per rank (ring schedule; 0 drawn at 1 B)"),
+    }[metric]
+    column, _, ytitle = spec
+    traces: dict[str, list] = {}
+    frame = table.copy()
+    frame["view_label"] = frame["shape"] + " · " + frame["device"] + " · " + frame["dtype"]
+    for view, group in frame.groupby("view_label", sort=False):
+        items = []
+        for (name, placement), g in group.groupby(["initializer", "placement"], sort=True):
+            g = g.sort_values("world_size")
+            ok = g[g["status"] == "ok"]
+            # a log axis cannot show 0: memory below one 4 KiB page is drawn at 4 KiB, 0 bytes sent at 1 B
+            if metric == "time":
+                y = ok[column]
+            elif metric == "memory":
+                y = (ok[column] / BYTES_MIB).clip(lower=4096 / BYTES_MIB)
+            else:
+                y = ok[column].clip(lower=1)
+            if metric == "time":
+                detail = [_per_rank([min(t) if t else None for t in v], lambda s: f"{s:.3g} s") for v in ok["rank_values_s"]]
+                shown = [f"{v:.4g} s" for v in ok[column]]
+                lows = [v - min(vs) if vs else 0 for v, vs in zip(ok[column], ok["values_s"])]
+                highs = [max(vs) - v if vs else 0 for v, vs in zip(ok[column], ok["values_s"])]
+                error = {"type": "data", "symmetric": False, "array": highs, "arrayminus": lows, "thickness": 1}
+            else:
+                source = "peak_cpu_extra_bytes" if metric == "memory" else "bytes_sent"
+                detail = [_per_rank(v, human_bytes) + f"; shard {human_bytes(max(w) if isinstance(w, list) and w else None)}"
+                          for v, w in zip(ok[source], ok["local_weight_bytes"])]
+                shown = [human_bytes(v) for v in ok[column]]
+                error = None
+            custom = np.stack([ok["initializer"], ok["placement"], ok["world_size"], ok["shape"], shown, detail], axis=-1) \
+                if len(ok) else None
+            items.append(go.Scatter(
+                x=ok["world_size"], y=y, name=f"{name} ({placement})", legendgroup=name, mode="lines+markers",
+                line={"color": color(name), "dash": PLACEMENT_DASH.get(placement, "dot")}, customdata=custom,
+                hovertemplate=_sharded_hover(metric), error_y=error))
+            failed = g[g["status"] != "ok"]
+            if metric in ("time", "memory") and len(failed):
+                if metric == "time":
+                    fy = failed["limit_s"]
+                    symbol, what = "x", "≥ the limit"
+                else:
+                    fy = failed["max_peak_cpu_extra_bytes"] / BYTES_MIB
+                    symbol, what = "triangle-up-open", "≥ this when killed"
+                keep = fy.notna()
+                if keep.any():
+                    f = failed[keep]
+                    custom = np.stack([f["initializer"], f["placement"], f["world_size"], f["shape"],
+                                       [f"{s}: {what}" for s in f["status"]], f["reason"].fillna("").str.slice(0, 160)],
+                                      axis=-1)
+                    items.append(go.Scatter(x=f["world_size"], y=fy[keep], mode="markers", legendgroup=name,
+                                            showlegend=False, marker={"symbol": symbol, "size": 12, "color": color(name)},
+                                            customdata=custom, hovertemplate=_sharded_hover(metric)))
+        if metric != "bytes":
+            _key(items, [("row placement (Shard(0))", {"mode": "lines", "line": {"color": KEY}}),
+                         ("column placement (Shard(1))", {"mode": "lines", "line": {"color": KEY, "dash": "dash"}}),
+                         ("timed out: ≥ the limit" if metric == "time" else "killed at the limit: peak so far",
+                          {"mode": "markers", "marker": {"symbol": "x" if metric == "time" else "triangle-up-open",
+                                                         "color": KEY, "size": 11}})])
+        traces[view] = items
+    titles = {"time": "Sharded init time against world size",
+              "memory": "Per-rank peak memory of the sharded init call beyond the shard",
+              "bytes": "Bytes each rank sends, counted at the collectives"}
+    worlds = sorted(frame["world_size"].unique())
+    return with_views(traces, {"title": titles[metric],
+                               "xaxis": {"title": "world size (ranks)", "tickvals": worlds, "type": "log"},
+                               "yaxis": {"type": "log", "title": ytitle}}, "shape · device · dtype")

@@ -244,6 +244,34 @@ VERDICT_CSS = {"slower": "bad", "more memory": "bad", "slower, more memory": "ba
                "less memory": "good", "faster, less memory": "good", "unmeasurable": "warn", "not confirmed": "warn"}
 
 
+SHARDED_COLUMNS = ["initializer", "shape", "world_size", "placement", "device", "dtype", "threads", "status", "time_s",
+                   "first_s", "max_peak_cpu_extra_bytes", "max_peak_gpu_allocated_bytes", "max_bytes_sent",
+                   "max_diff", "tolerance", "within_tolerance", "phase", "reason", "run_id"]
+
+
+def _sharded_section(rows: pd.DataFrame) -> str:
+    """Time, per-rank peak memory and bytes sent against world size, and every row."""
+    from loram_ref.sharded import SHARDED
+
+    gather = [n for n, spec in SHARDED.items() if spec.gathers_weight]
+    classes = _status_classes(rows)
+    if "within_tolerance" in rows:
+        classes = classes.where(rows["within_tolerance"].ne(False), "bad")
+    note = ('<p class="note">Each row: one initializer on a weight spread over N ranks launched by torchrun (gloo on '
+            "CPU, nccl on CUDA), held as a DTensor sharded by rows (Shard(0), solid) or columns (Shard(1), dashed). "
+            "Time is the slowest rank's, each call started at a barrier; memory is each rank's peak above its entry "
+            "during the cold call (the shard itself and the harness's copy of it not counted); bytes are those the "
+            "method's collectives send per rank under the ring schedule. "
+            + (f"{', '.join(gather)} is the baseline PEFT runs under ZeRO-3: every rank gathers the whole weight "
+               "and decomposes it. " if gather else "")
+            + "max_diff is the largest max|sharded − single-process| / max|single-process| of A, B and the residual "
+              "(red when above the tolerance the initializer states). On CPU the ranks share the machine's cores "
+              "(threads per rank = cores / ranks), so time against world size shows communication and contention, "
+              "not a speed-up.</p>")
+    return (note + _figure(figures.sharded_scaling(rows, "time")) + _figure(figures.sharded_scaling(rows, "memory"))
+            + _figure(figures.sharded_scaling(rows, "bytes")) + table_html(rows, SHARDED_COLUMNS, classes=classes))
+
+
 def build_report(results: Path, out: Path, comparison: pd.DataFrame | None = None, title: str = "loram-bench report",
                  speedup_reference: str = SPEEDUP_REFERENCE, comparison_note: str = COMPARE_NOTE) -> Path:
     """Write the report of a results folder (or an init.jsonl) to ``out``; return its path.
@@ -361,9 +389,11 @@ def render_sections(data: ResultSet, comparison: pd.DataFrame | None,
         sections.append(("layer-loss", "Layer-level loss", _layer_section(data)))
     if not data.loss.empty:
         sections.append(("loss", "Short-run loss", _loss_section(data)))
+    if not data.sharded.empty:
+        sections.append(("sharded", "Sharded init (torch.distributed)", _sharded_section(data.sharded)))
     if not data.history.empty:
         sections.append(("history", "History", _figure(figures.history_trend(data.history))))
-    env_source = init if not init.empty else data.loss_summary
+    env_source = init if not init.empty else (data.loss_summary if not data.loss_summary.empty else data.sharded)
     if not env_source.empty:
         env = env_source.iloc[-1]
         env_frame = pd.DataFrame({"field": [c for c in ENV_COLUMNS if c in env.index],

@@ -40,6 +40,8 @@ class ResultSet:
     layer_rows: pd.DataFrame = field(default_factory=pd.DataFrame)
     #: how many other layer-loss suite configurations the folder holds (not shown)
     other_layer_configs: int = 0
+    #: sharded-init rows (``bench.sharded``), latest per task
+    sharded: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _load_rows(path: Path) -> list[dict]:
@@ -80,9 +82,10 @@ def load_results(results: Path) -> ResultSet:
             verdict = verdict_for(summary)
     history = pd.DataFrame(_load_rows(folder / "history.jsonl"))
     layer, layer_rows, layer_others = _layer(_load_rows(folder / "layer_loss.jsonl"))
+    sharded = to_frame([r for r in _load_rows(folder / "sharded.jsonl") if r.get("kind") == "sharded"])
     return ResultSet(init=init, loss=loss, loss_summary=summary, history=history, catalog=read_catalog(folder),
                      loss_verdict=verdict, other_loss_configs=others, layer=layer, layer_rows=layer_rows,
-                     other_layer_configs=layer_others)
+                     other_layer_configs=layer_others, sharded=sharded)
 
 
 def _layer(rows: list[dict]) -> tuple[LayerVerdict | None, pd.DataFrame, int]:

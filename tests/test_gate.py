@@ -235,7 +235,9 @@ def test_forked_workers_get_layouts_of_their_own():
     launcher = ForkServerLauncher(_addresses_after_shuffle, decode=dict)
     task = Task("noise_zeros", 8, 8, 1)
     seen = [launcher.launch(task, 60).run for _ in range(4)]
-    assert len({s["large"] for s in seen}) == 4  # page-granular shifts of every later mapping
+    # page-granular shifts of every later mapping; without the shuffle all four are one address.
+    # Two of four draws of ~1000 sizes may coincide (or land in one freed hole): at least 3 distinct.
+    assert len({s["large"] for s in seen}) >= 3
 
 
 def test_a_spawned_tree_worker_measures_with_the_trees_code(tmp_path):
