@@ -45,7 +45,7 @@ def global_squared_norm(local: torch.Tensor, comm: Collectives, block_elements: 
 
 
 def _loram_sharded(name: str, weight: DTensor, rank: int, scaling: float, inplace: bool, comm: Collectives | None,
-                   rows_in: Rows, rows_out: Rows, info: dict) -> ShardedLoraInit:
+                   rows: Rows, info: dict) -> ShardedLoraInit:
     lay: Layout = layout_of(weight)
     scaling = check_inputs(shape_proxy(weight), rank, scaling, check_input=False, min_rank=2)
     comm = comm or Collectives(weight.device_mesh.get_group())
@@ -54,9 +54,9 @@ def _loram_sharded(name: str, weight: DTensor, rank: int, scaling: float, inplac
     sq_norm = global_squared_norm(local, comm, max(rank * (m + n), NORM_BLOCK_ELEMENTS))
     if sq_norm == 0.0:
         raise ValueError(ZERO_WEIGHT)
-    # the input side's rows follow the columns, the output side's the rows
-    phi_in = rows_in(n, lay.start, lay.stop) if lay.dim == 1 else rows_in(n, 0, n)
-    phi_out = rows_out(m, lay.start, lay.stop) if lay.dim == 0 else rows_out(m, 0, m)
+    # the input side's rows follow the columns, the output side's the rows; input side first (the draw order)
+    phi_in = rows(n, lay.start, lay.stop) if lay.dim == 1 else rows(n, 0, n)
+    phi_out = rows(m, lay.start, lay.stop) if lay.dim == 0 else rows(m, 0, m)
     a, b, gain, beta = loram_factors(sq_norm, (m, n), rank, phi_in, phi_out, local.dtype)
     residual = local if inplace else local.clone()
     subtract_update(residual, a, b, scaling, sq_norm, name)  # this rank's block of W - s·B·A
@@ -92,7 +92,7 @@ def loram_dst(weight: DTensor, rank: int, scaling: float = 1.0, *, inplace: bool
     def rows(d: int, start: int, stop: int) -> torch.Tensor:
         return dst_rows(d, rank, start, stop, dtype=dtype, device=device)
 
-    return _loram_sharded("loram_dst", weight, rank, scaling, inplace, comm, rows, rows, {"basis": "dst-I"})
+    return _loram_sharded("loram_dst", weight, rank, scaling, inplace, comm, rows, {"basis": "dst-I"})
 
 
 @register_sharded(
@@ -115,16 +115,9 @@ def loram_rorth(weight: DTensor, rank: int, scaling: float = 1.0, *, generator: 
     local = weight.to_local()
     gen = resolve_generator(generator, local.device, seed)
     dtype = _basis_dtype(local)
-    m, n = weight.shape
-    drawn: dict[str, torch.Tensor] = {}
 
-    def rows_in(d: int, start: int, stop: int) -> torch.Tensor:
-        drawn["in"] = random_orthogonal_basis(n, rank, gen, dtype=dtype, device=local.device)
-        return drawn["in"][start:stop]
+    def rows(d: int, start: int, stop: int) -> torch.Tensor:
+        # the whole d x r basis, drawn in the single-process order (_loram_sharded asks for the input side first)
+        return random_orthogonal_basis(d, rank, gen, dtype=dtype, device=local.device)[start:stop].contiguous()
 
-    def rows_out(d: int, start: int, stop: int) -> torch.Tensor:
-        drawn["out"] = random_orthogonal_basis(m, rank, gen, dtype=dtype, device=local.device)
-        return drawn["out"][start:stop].contiguous()
-
-    return _loram_sharded("loram_rorth", weight, rank, scaling, inplace, comm, rows_in, rows_out,
-                          {"basis": "random-orthogonal"})
+    return _loram_sharded("loram_rorth", weight, rank, scaling, inplace, comm, rows, {"basis": "random-orthogonal"})
