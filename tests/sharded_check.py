@@ -3,9 +3,9 @@
 On every rank: each sharded initializer on each weight of :data:`CASES`, both placements,
 distributed by DTensor's own ``distribute_tensor`` (so the algorithms' offsets are checked
 against DTensor's chunking). Checks made here, where the ranks are: the result's
-placements; replicated factors bit-identical on every rank; the bytes counted. Rank 0
-saves every gathered result to ``OUT/ws{N}.pt`` for the test to compare with one process
-and with the other world sizes.
+placements; replicated factors bit-identical on every rank; the bytes counted; a NaN on one
+rank refused by all. Rank 0 saves every gathered result to ``OUT/ws{N}.pt`` for the test to
+compare with one process and with the other world sizes.
 """
 
 from __future__ import annotations
@@ -68,6 +68,17 @@ def main(out: Path) -> int:
                         assert ledger.bytes_sent == want_bytes, f"{name}: {ledger.bytes_sent} bytes, expected {want_bytes}"
                     full = result.full()
                     saved[(name, str(dtype), m, n, dim)] = (full.A, full.B, full.residual, ledger.bytes_sent)
+    # NaN on rank 0's rows only: every rank refuses together (a rank raising alone would leave
+    # the others waiting in a collective)
+    bad = full_weight(37, 23, 4, 7, torch.float32)
+    bad[0, 0] = float("nan")
+    for name in ("loram_dst", "pissa_rsvd"):
+        try:
+            SHARDED[name].fn(distribute_tensor(bad, mesh, [Shard(0)]), 4)
+        except ValueError as exc:
+            assert "NaN" in str(exc), exc
+        else:
+            raise AssertionError(f"{name} accepted a NaN on rank 0's shard")
     if me == 0:
         torch.save(saved, out / f"ws{world}.pt")
     dist.barrier()

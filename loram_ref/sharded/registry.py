@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -62,6 +63,24 @@ class ShardedSpec:
 SHARDED: dict[str, ShardedSpec] = {}
 
 
+def _guard(fn: Callable[..., ShardedLoraInit]) -> Callable[..., ShardedLoraInit]:
+    """The registered form (as ``loram_ref.guard`` for one process): no autograd graph, and
+    this rank's blocks of the factors checked finite; a non-finite block raises on the rank
+    that holds it (under torchrun the launch then ends every rank)."""
+
+    @functools.wraps(fn)
+    def guarded(weight, rank, scaling=1.0, *args, **kwargs) -> ShardedLoraInit:
+        with torch.no_grad():
+            out = fn(weight, rank, scaling, *args, **kwargs)
+        for label, tensor in (("A", out.A), ("B", out.B)):
+            if not bool(torch.isfinite(tensor.to_local()).all()):
+                raise ValueError(f"{out.method} produced non-finite {label} on this rank's block; check the weight "
+                                 "for extreme values (float16 overflows above 65504)")
+        return out
+
+    return guarded
+
+
 def register_sharded(name: str, *, communication: str, tolerance: dict[torch.dtype, float], summary: str,
                      sign_free: bool = False, gathers_weight: bool = False):
     """Add the decorated function to :data:`SHARDED` under ``name``."""
@@ -69,9 +88,10 @@ def register_sharded(name: str, *, communication: str, tolerance: dict[torch.dty
     def decorate(fn: Callable[..., ShardedLoraInit]) -> Callable[..., ShardedLoraInit]:
         if name in SHARDED:
             raise ValueError(f"sharded initializer {name!r} is registered twice")
-        SHARDED[name] = ShardedSpec(name=name, fn=fn, communication=communication, tolerance=dict(tolerance),
+        guarded = _guard(fn)
+        SHARDED[name] = ShardedSpec(name=name, fn=guarded, communication=communication, tolerance=dict(tolerance),
                                     summary=summary, sign_free=sign_free, gathers_weight=gathers_weight)
-        return fn
+        return guarded
 
     return decorate
 
