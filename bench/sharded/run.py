@@ -158,6 +158,8 @@ def run_sharded(config: ShardedConfig, out: Path, *, launcher: ShardedLauncher |
                                                 "setup")
                     else:
                         break
+                if outcome.failed_key not in {t.key for t in remaining}:  # never retry forever: charge the first
+                    outcome.failed_key = remaining[0].key
                 charged = remaining if outcome.before_start else [t for t in remaining if t.key == outcome.failed_key]
                 log = _keep_log(scratch, Path(out), run_id)
                 for t in charged:
@@ -168,8 +170,8 @@ def run_sharded(config: ShardedConfig, out: Path, *, launcher: ShardedLauncher |
                 report()
                 if outcome.before_start:
                     break
-                index = next((i for i, t in enumerate(remaining) if t.key == outcome.failed_key), None)
-                remaining = [t for t in remaining[(index + 1 if index is not None else 0):] if t.key not in finished]
+                index = next(i for i, t in enumerate(remaining) if t.key == outcome.failed_key)
+                remaining = [t for t in remaining[index + 1:] if t.key not in finished]  # each launch removes >= 1
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
     return read_rows(path)
