@@ -29,9 +29,10 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _status_kib(key: str) -> int | None:
+def _status_kib(key: str, pid: int | None = None) -> int | None:
+    """A ``/proc/PID/status`` field in KiB (this process's without ``pid``); None if unreadable."""
     try:
-        for line in _STATUS.read_text().splitlines():
+        for line in (_STATUS if pid is None else Path(f"/proc/{pid}/status")).read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     except OSError:

@@ -8,6 +8,10 @@ from typing import Any
 from .identity import cell_key
 
 
+#: Bytes per element of each weight dtype the harness measures.
+ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
 @dataclass(frozen=True)
 class Task:
     """One init-cost measurement, run in its own worker process.
@@ -51,7 +55,7 @@ class Task:
     @property
     def itemsize(self) -> int:
         """Bytes per element of the weight's dtype."""
-        return {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
+        return ITEMSIZE[self.dtype]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..launchers import WORKER_ENV
+from ..measure import _status_kib
 from ..results import read_rows
 from ..schema import CRASHED, FAILED, TIMEOUT
 from .tasks import ShardedTask
@@ -69,23 +70,13 @@ def _current(events: dict[int, list[dict[str, Any]]]) -> tuple[str | None, float
     return last["task_key"], first_of_it
 
 
-def _vmhwm_bytes(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def _peaks_so_far(events: dict[int, list[dict[str, Any]]], key: str, world: int) -> list[int | None]:
     """Per rank: peak RSS since the cold call began minus its entry RSS (``None`` before it)."""
     out: list[int | None] = []
     for rank in range(world):
         measured = [e for e in events.get(rank, []) if e.get("event") == "measure" and e.get("task_key") == key]
-        hwm = _vmhwm_bytes(measured[-1]["pid"]) if measured else None
-        out.append(max(0, hwm - measured[-1]["entry_rss"]) if hwm is not None else None)
+        hwm = _status_kib("VmHWM", measured[-1]["pid"]) if measured else None
+        out.append(max(0, hwm * 1024 - measured[-1]["entry_rss"]) if hwm is not None else None)
     return out
 
 

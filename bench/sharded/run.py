@@ -17,7 +17,8 @@ from ..results import append_row, check_writable, read_rows, repair
 from ..schema import CRASHED, OK, TIMEOUT
 from .launch import LaunchOutcome, ShardedLauncher
 from .plugins import load_plugins
-from .tasks import ITEMSIZE, PLACEMENTS, ShardedRow, ShardedTask
+from ..tasks import ITEMSIZE
+from .tasks import PLACEMENTS, ShardedRow, ShardedTask
 
 RESULTS_FILE = "sharded.jsonl"
 #: Failed launches keep their torchrun output here, under the results folder.
@@ -134,10 +135,14 @@ def run_sharded(config: ShardedConfig, out: Path, *, launcher: ShardedLauncher |
     groups: dict[tuple[int, str], list[ShardedTask]] = {}
     for t in pending:
         groups.setdefault((t.world_size, t.device), []).append(t)
-    seen = {"rows": len(read_rows(path))}
+    seen = {"rows": len(read_rows(path)), "size": path.stat().st_size if path.exists() else 0}
 
     def report() -> None:
-        seen["rows"] = _report_new(path, seen["rows"], say)
+        """Print the rows that landed since the last call; called at every poll, it re-reads the file only when it grew."""
+        size = path.stat().st_size if path.exists() else 0
+        if size != seen["size"]:
+            seen["size"] = size
+            seen["rows"] = _report_new(path, seen["rows"], say)
     for (world, device), group in groups.items():
         remaining = list(group)
         while remaining:

@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..schema import SCHEMA_VERSION
+from ..tasks import ITEMSIZE
 
 #: ``--placement`` values and the DTensor dimension each shards.
 PLACEMENTS = {"row": 0, "col": 1}
-ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
