@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -97,11 +96,12 @@ def measure(device: str, dtype: str, threads: int, elements: int = BUFFER_ELEMEN
 
 def calibrate(device: str, dtype: str, threads: int, timeout_s: float = 300.0) -> Calibration:
     """:func:`measure` in a fresh process with the workers' environment."""
+    from .children import child_env
     from .launchers import WORKER_ENV
 
     proc = subprocess.run([sys.executable, "-m", "bench.calibrate", "--device", device, "--dtype", dtype,
                            "--threads", str(threads)], capture_output=True, text=True, timeout=timeout_s,
-                          env={**os.environ, **WORKER_ENV})
+                          env=child_env(WORKER_ENV))
     if proc.returncode != 0:
         raise RuntimeError(f"calibration failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
     return Calibration(**json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .results import replace_text
 from .shapes import PRESETS, LayerShape, model_shapes
 
 CATALOG_FILE = "catalog.json"
@@ -25,11 +26,33 @@ def write_catalog(folder: Path, sources: list[str]) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / CATALOG_FILE
-    catalog = json.loads(path.read_text()) if path.is_file() else {}
+    catalog = _load(path) if path.is_file() else {}
     wanted = [s for s in dict.fromkeys([*PRESETS, *map(str, sources)]) if s not in catalog]
     catalog.update(build_catalog(wanted))
-    path.write_text(json.dumps(catalog, indent=1, sort_keys=True))
+    replace_text(path, json.dumps(catalog, indent=1, sort_keys=True))
     return path
+
+
+def _load(path: Path) -> dict[str, list[dict]]:
+    """``catalog.json`` as data, checked: an error naming the file and the entry otherwise."""
+    fix = "delete it: the next `loram-bench run` into this folder writes it anew"
+    try:
+        catalog = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(catalog, dict):
+        raise ValueError(f"{path} holds a JSON {type(catalog).__name__}, not an object of shape lists; {fix}")
+    for name, shapes in catalog.items():
+        if not isinstance(shapes, list):
+            raise ValueError(f"{path}: entry {name!r} is not a list of shapes; {fix}")
+        for i, s in enumerate(shapes):
+            ok = (isinstance(s, dict) and set(s) == {"role", "d_out", "d_in", "count"} and isinstance(s["role"], str)
+                  and all(isinstance(s[k], int) and not isinstance(s[k], bool) and s[k] >= 1
+                          for k in ("d_out", "d_in", "count")))
+            if not ok:
+                raise ValueError(f"{path}: entry {name!r}, shape {i} is not {{role, d_out, d_in, count}} with positive "
+                                 f"integer sizes: {str(s)[:80]}; {fix}")
+    return catalog
 
 
 def read_catalog(folder: Path) -> dict[str, list[LayerShape]]:
@@ -37,4 +60,4 @@ def read_catalog(folder: Path) -> dict[str, list[LayerShape]]:
     path = Path(folder) / CATALOG_FILE
     if not path.is_file():
         return {}
-    return {name: [LayerShape(**s) for s in shapes] for name, shapes in json.loads(path.read_text()).items()}
+    return {name: [LayerShape(**s) for s in shapes] for name, shapes in _load(path).items()}

@@ -36,6 +36,12 @@ def parse_size(text: str) -> int:
     value = float(match.group(1)) * _UNITS[unit]
     if value < 1 << 20:
         raise argparse.ArgumentTypeError(f"{text!r} is below 1 MiB: no worker can start under it")
+    from .checks import check_memory_limit
+
+    try:
+        check_memory_limit(int(value), flag=f"{text}")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return int(value)
 
 
@@ -85,11 +91,13 @@ def cmd_run(args) -> int:
     from .suites import init_tasks
     from .tasks import Task
 
+    from .checks import check_threads
+
     _check_device(args.device)
-    for flag, value, low in (("--values", args.values, 1), ("--warmups", args.warmups, 0), ("--threads", args.threads, 0),
-                             ("--processes", args.processes, 1)):
+    for flag, value, low in (("--values", args.values, 1), ("--warmups", args.warmups, 0), ("--processes", args.processes, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+    check_threads(args.threads, device=args.device)
     if not (args.limit > 0 and math.isfinite(args.limit)):
         raise ValueError(f"--limit must be > 0 and finite (seconds), got {args.limit}")
     if not (args.value_budget >= 0 and math.isfinite(args.value_budget)):
@@ -108,8 +116,23 @@ def cmd_run(args) -> int:
     rows = runner.run(tasks)
     csv_path, _ = export_kind(rows, args.out, "init")
     print(f"init results: {args.out / 'init.jsonl'} ({csv_path.name}, init.json)")
+    code = _summary([r for r in rows if r.get("run_id") == runner.run_id], "measurements")
     if args.report:
-        return _report(args.out, args.out / "report.html")
+        _report(args.out, args.out / "report.html")
+    return code
+
+
+def _summary(rows: list[dict], what: str) -> int:
+    """Print how this run's rows ended; 1 when every one of them failed (the reasons are in
+    the rows and were printed as they happened), else 0."""
+    from .results import outcome_summary
+
+    line, all_failed = outcome_summary(rows, what)
+    print(line)
+    if all_failed:
+        print(f"error: every one of the {len(rows)} {what} failed; the reason column of each row says why",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -211,12 +234,32 @@ def cmd_layer_loss(args) -> int:
     from .layer.verdict import layer_verdict
 
     started = time.perf_counter()
-    rows = run_layer_loss(_layer_config(args), args.out, progress=not args.no_progress)
+    from .results import new_run_id
+
+    run_id = new_run_id()
+    rows = run_layer_loss(_layer_config(args), args.out, progress=not args.no_progress, run_id=run_id)
     _print_layer_verdict(layer_verdict(rows), args.out)
     print(f"layer-loss done in {time.perf_counter() - started:.0f} s; rows in {args.out / 'layer_loss.jsonl'}")
+    code = _summary([r for r in rows if r.get("run_id") == run_id], "layer-loss runs")
     if args.report:
-        return _report(args.out, args.out / "report.html")
-    return 0
+        _report(args.out, args.out / "report.html")
+    return code
+
+
+
+#: Keywords the harness passes itself (the weight, the statistics, the per-layer generator,
+#: in-place and input-check switches, the module name): not settable by --init-option.
+HARNESS_KEYWORDS = ("weight", "rank", "scaling", "stats", "generator", "inplace", "check_input", "module")
+
+
+def init_option_keys(name: str) -> list[str]:
+    """The keywords of initializer ``name`` a user may set with ``--init-option``."""
+    import inspect
+
+    import loram_ref
+
+    params = inspect.signature(loram_ref.get_initializer(name).fn).parameters
+    return [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in HARNESS_KEYWORDS]
 
 
 def _init_options(items: list[str] | None, initializers: list[str]) -> dict[str, dict]:
@@ -235,6 +278,11 @@ def _init_options(items: list[str] | None, initializers: list[str]) -> dict[str,
         loram_ref.get_initializer(name)
         if name not in initializers:
             raise ValueError(f"--init-option {item!r}: {name} is not among --initializers")
+        keys = init_option_keys(name)
+        if key not in keys:
+            what = "is set by the harness" if key in HARNESS_KEYWORDS else f"is not a keyword of {name}"
+            raise ValueError(f"--init-option {item!r}: {key!r} {what}; {name} takes "
+                             + (", ".join(keys) if keys else "no option"))
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
@@ -305,7 +353,7 @@ def cmd_continuous(args) -> int:
         threads=args.threads,
         rule=GateRule(args.screen_rounds, args.confirm_rounds, args.threshold, args.memory_threshold, args.margin),
         limit_s=args.limit, slow_down=parse_slow_down(args.slow_down, loram_ref.INITIALIZERS),
-        memory_limit_bytes=args.memory_limit)
+        memory_limit_bytes=args.memory_limit, gate_unchanged=args.gate_unchanged)
     result = run_continuous(config, args.out, progress=not args.no_progress, history=args.history)
     print(result.summary())
     rule = config.rule
@@ -378,17 +426,22 @@ def cmd_sharded(args) -> int:
         seed=args.seed, repeats=args.repeats, check=not args.no_check, limit_s=args.limit,
     )
     say = (lambda text: None) if args.no_progress else (lambda text: print(text, flush=True))
-    rows = run_sharded(config, args.out, say=say)
+    from .results import new_run_id
+
+    run_id = new_run_id()
+    rows = run_sharded(config, args.out, say=say, run_id=run_id)
     failed = [r for r in rows if r.get("kind") == "sharded" and r.get("status") != "ok"]
     print(f"sharded results: {args.out / RESULTS_FILE} ({len(rows) - len(failed)} ok, {len(failed)} not measured)")
-    return _report(args.out, args.out / "report.html")
+    code = _summary([r for r in rows if r.get("kind") == "sharded" and r.get("run_id") == run_id], "sharded rows")
+    _report(args.out, args.out / "report.html")
+    return code
 
 
 def cmd_quick(args) -> int:
     from .quick import run_quick
 
     started = time.perf_counter()
-    run_quick(args.out, progress=not args.no_progress, skip_loss=args.skip_loss, baseline=args.baseline)
+    parts = run_quick(args.out, progress=not args.no_progress, skip_loss=args.skip_loss, baseline=args.baseline)
     if not args.skip_loss:
         from .layer.verdict import layer_verdict
         from .results import read_rows
@@ -396,9 +449,38 @@ def cmd_quick(args) -> int:
         _print_layer_verdict(layer_verdict(read_rows(args.out / "layer_loss.jsonl")), args.out)
         _print_verdict(read_rows(args.out / "loss.jsonl"), args.out)
     path = _write_report(args.out, args.out / "report.html")
+    for line, _ in parts:
+        print(line)
     print(f"quick suite done in {time.perf_counter() - started:.0f} s")
     print(f"report: {path.resolve()}")
+    failed = [line.split(" this run")[0] for line, all_failed in parts if all_failed]
+    if failed:
+        print(f"error: every one of the {' and '.join(failed)} failed; the reason column of each row says why",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the flag, exit 2 (``--help`` still prints the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _attach_dash_values(argv: list[str]) -> list[str]:
+    """``--shape -8x8`` as ``--shape=-8x8``: argparse takes a value that starts with a dash
+    and a digit for a flag (and says the flag "expected one argument"); attached, the
+    value reaches the flag's own check, which names what is wrong with it."""
+    import re
+
+    out: list[str] = []
+    for token in argv:
+        if out and re.match(r"-\d", token) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .suites import DEFAULT_LOSS_INITIALIZERS
 
     names = sorted(loram_ref.INITIALIZERS)
-    parser = argparse.ArgumentParser(prog="loram-bench", description=__doc__)
+    parser = _Parser(prog="loram-bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("shapes", help="print the linear-layer shapes of a preset, config.json or model folder")
@@ -557,6 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-limit", type=parse_size, default=None, metavar="SIZE", help="cap each worker's extra memory")
     p.add_argument("--slow-down", action="append", metavar="NAME=FACTOR",
                    help="self-test: make the working tree's NAME slower by FACTOR (e.g. loram_dst=1.3; repeatable)")
+    p.add_argument("--gate-unchanged", action="store_true",
+                   help="also measure initializers whose code is the same on both sides (an A/A study; by default "
+                        "their cells are listed as unchanged and not measured)")
     p.add_argument("--history", type=Path, default=None, help="history file to append to (default: OUT/history.jsonl)")
     p.add_argument("--out", type=Path, default=Path("results-gate"), help="output folder (default: results-gate/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -622,7 +707,9 @@ def main(argv: list[str] | None = None) -> int:
     if words and words[0] in TRAINING_COMMANDS and "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
         for key, value in TRAINING_OMP_ENV.items():  # read once, when torch loads its OpenMP runtime
             os.environ.setdefault(key, value)
-    args = build_parser().parse_args(argv)
+    from .trees import Terminated
+
+    args = build_parser().parse_args(_attach_dash_values(list(sys.argv[1:] if argv is None else argv)))
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -630,6 +717,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f"; what finished is in {out}, and the same command resumes" if out else ""
         print(f"interrupted{where}", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        out = getattr(args, "out", None)
+        where = f"; what finished is in {out}, and the same command resumes" if out else ""
+        print(f"{exc}{where}", file=sys.stderr)
+        return 128 + exc.signum
     except (ValueError, TypeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

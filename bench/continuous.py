@@ -28,24 +28,25 @@ import math
 import statistics
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from tqdm import tqdm
 
+from .checks import check_memory_limit, check_threads
 from .environment import environment, machine_id
-from .gate import NOT_GATED, REGRESSIONS, SAME, UNMEASURABLE, Decision, GateRule, Pair, decide, resolution
+from .gate import NOT_GATED, REGRESSIONS, SAME, UNCHANGED, UNMEASURABLE, Decision, GateRule, Pair, decide, resolution
 from .history import append_history
 from .identity import identity
 from .launchers import ForkServerLauncher, Launcher, SpawnLauncher, fork_available
-from .results import OK, append_row, check_writable, export, export_kind, read_rows, repair
+from .results import OK, append_row, check_writable, export, export_kind, new_run_id, read_rows, repair, replace_text
 from .runner import predict_worker_s
 from .schema import SCHEMA_VERSION, Measurement, ProcessRun, SchemaError, merge_runs
 from .suites import DEFAULT_RANK, QUICK_PRESETS, init_tasks
 from .tasks import Task
-from .trees import Tree, checkout_root, fingerprint, head_commit, resolve_revision, run_tree_task, worktree
+from .trees import (Tree, checkout_root, fingerprint, head_commit, initializer_fingerprints, resolve_revision,
+                    run_tree_task, worktree)
 
 ROUNDS_FILE = "continuous.jsonl"
 GATE_STEM = "gate"
@@ -53,7 +54,7 @@ BASE_DIR = "base"
 SCREEN, CONFIRM = "screen", "confirm"
 BASE, NEW = "base", "new"
 #: One process per round: a cold call, a warm-up, then up to 5 values within 1 s (at least 2), the
-#: memory pass. The fidelity diagnostic is off: it measures nothing the gate compares.
+#: peaks of those values' calls. The fidelity diagnostic is off: it measures nothing the gate compares.
 GATE_TEMPLATE = Task(initializer="", d_out=1, d_in=1, rank=DEFAULT_RANK, warmups=1, values=5, min_values=2,
                      value_budget_s=1.0, processes=1, max_fidelity_elements=0)
 #: The slowdown the summary says each cell can or cannot confirm (the issue's power target).
@@ -78,6 +79,9 @@ class ContinuousConfig:
     limit_s: float = GATE_LIMIT_S
     slow_down: dict[str, float] = field(default_factory=dict)
     memory_limit_bytes: int | None = None
+    #: also measure the cells of initializers whose code is the same on both sides (an A/A
+    #: study, the self-test's control cells); by default they are not measured
+    gate_unchanged: bool = False
 
     @property
     def kill_after_s(self) -> float:
@@ -92,6 +96,8 @@ class ContinuousConfig:
             raise ValueError(f"--limit must be a finite number of seconds > 0, got {self.limit_s!r}")
         if not self.presets and not self.shapes:
             raise ValueError("continuous needs --preset or --shape (default: the quick suite's presets)")
+        check_threads(self.threads, device="cpu" if self.device == "cpu" else "cuda")
+        check_memory_limit(self.memory_limit_bytes)
         threads = self.threads or _default_threads(self.device)
         tasks = init_tasks(self.presets, self.initializers, rank=self.rank, dtype=self.dtype, device=self.device,
                            threads=threads, template=GATE_TEMPLATE, extra_shapes=self.shapes)
@@ -126,6 +132,7 @@ class CellResult:
     failure: str = ""
     skipped: str = ""
     predicted_s: float | None = None
+    unchanged: bool = False
 
     def complete(self, stage: str) -> list[int]:
         """The round indices of ``stage`` that both sides finished, in order."""
@@ -156,8 +163,10 @@ class GateRun:
     out: Path
     progress: bool = True
     launchers: dict[str, Launcher] = field(default_factory=dict)
-    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
+    run_id: str = field(default_factory=new_run_id)
     cells: dict[str, CellResult] = field(default_factory=dict)
+    #: initializers that run the same code on both sides: their cells are not measured
+    unchanged: frozenset[str] = frozenset()
 
     @property
     def rounds_path(self) -> Path:
@@ -234,6 +243,9 @@ class GateRun:
         for task in bar:
             bar.set_postfix_str(f"{task.initializer} {task.d_out}x{task.d_in}")
             cell = self.cells[task.key]
+            if task.initializer in self.unchanged:
+                cell.unchanged = True
+                continue
             if not cell.complete(SCREEN):
                 cell.predicted_s = self.predicted(task)
                 if cell.predicted_s is not None and cell.predicted_s > self.config.limit_s:
@@ -243,7 +255,7 @@ class GateRun:
 
     def flagged(self) -> list[CellResult]:
         rule = self.config.rule
-        return [c for c in self.cells.values() if not c.failure and not c.skipped
+        return [c for c in self.cells.values() if not c.failure and not c.skipped and not c.unchanged
                 and len(c.pairs(SCREEN)) >= rule.screen_rounds and decide(c.pairs(SCREEN), None, rule).screen.flagged]
 
     def confirm(self) -> list[CellResult]:
@@ -276,6 +288,9 @@ def decision_row(cell: CellResult, rule: GateRule) -> dict[str, Any]:
     row: dict[str, Any] = {**{**ident, "options": json.dumps(ident["options"], sort_keys=True)}, "task_key": task.key,
                            "shape": f"{task.d_out}x{task.d_in}"}
     screen, confirm = cell.pairs(SCREEN), cell.pairs(CONFIRM)
+    if cell.unchanged:
+        return {**row, "verdict": UNCHANGED, "stage": "",
+                "detail": "the same code on both sides (its module and every loram_ref module it imports): not measured"}
     if cell.skipped:
         return {**row, "verdict": NOT_GATED, "stage": "", "detail": cell.skipped, "predicted_s": cell.predicted_s}
     if cell.failure:
@@ -336,13 +351,8 @@ def side_rows(run: GateRun, side: str) -> list[dict[str, Any]]:
 def write_side(rows: list[dict[str, Any]], folder: Path) -> None:
     """``folder/init.jsonl`` rewritten with ``rows``, and its tables and pyperf file."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "init.jsonl"
-    tmp = path.with_name("init.jsonl.tmp")
-    tmp.unlink(missing_ok=True)
-    for row in rows:
-        append_row(tmp, row)
-    if rows:
-        tmp.replace(path)
+    if rows:  # one atomic rewrite through a temporary file of its own (bench.results.replace_text)
+        replace_text(folder / "init.jsonl", "".join(json.dumps(row, sort_keys=True, default=str) + "\n" for row in rows))
     export_kind(rows, folder, "init")
 
 
@@ -394,7 +404,7 @@ class GateResult:
                          + ("; not: " + ", ".join(f"{d['initializer']} {d['shape']} (x{d['resolution']:.2f})"
                                                   for d in blind) if blind else ""))
         for d in sorted(self.decisions, key=lambda d: (d["verdict"] not in REGRESSIONS, d["verdict"], d["initializer"])):
-            if d["verdict"] == SAME:
+            if d["verdict"] in (SAME, UNCHANGED):
                 continue
             lines.append(f"  {d['verdict']:<20} {d['initializer']:<12} {d['shape']:<12} {d['dtype']} {d['device']}  "
                          f"{d.get('detail', '')}")
@@ -405,6 +415,14 @@ def _check_out_folder(out: Path) -> None:
     if (out / "init.jsonl").exists() and not (out / ROUNDS_FILE).exists():
         raise ValueError(f"{out} already holds init results that are not a gate's (no {ROUNDS_FILE}); the gate rewrites "
                          "init.jsonl there: pick another --out")
+
+
+def same_code(base_root: Path, new_root: Path, tasks: list[Task], slow_down: dict[str, float]) -> frozenset[str]:
+    """The measured initializers that run the same code on both sides and carry no planted
+    slowdown (``bench.trees.initializer_fingerprints``); one not found on a side is changed."""
+    base, new = initializer_fingerprints(base_root), initializer_fingerprints(new_root)
+    names = {t.initializer for t in tasks}
+    return frozenset(n for n in names if n not in slow_down and base.get(n) is not None and base.get(n) == new.get(n))
 
 
 def run_continuous(config: ContinuousConfig, out: Path, *, progress: bool = True, history: Path | None = None,
@@ -428,7 +446,11 @@ def run_continuous(config: ContinuousConfig, out: Path, *, progress: bool = True
             f"{len(tasks)} cells, {config.rule.screen_rounds} screening rounds, {config.rule.confirm_rounds} confirming "
             f"rounds for flagged cells, threshold {config.rule.threshold:.0%} (time), {config.rule.memory_threshold:.0%} "
             "(memory)" + (f"; planted slowdowns {config.slow_down}" if config.slow_down else ""))
-        run = GateRun(config, base, new, out, progress=progress)
+        unchanged = frozenset() if config.gate_unchanged else same_code(base_root, root, tasks, config.slow_down)
+        if unchanged:
+            say(f"gate: {', '.join(sorted(unchanged))} run the same code on both sides: their cells are not measured "
+                "(--gate-unchanged measures them)")
+        run = GateRun(config, base, new, out, progress=progress, unchanged=unchanged)
         reused = run.load(tasks)
         if reused:
             say(f"resuming: {reused} worker runs of the same code already in {run.rounds_path}")

@@ -19,7 +19,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-from loram_ref import get_initializer
+from loram_ref import INITIALIZERS, get_initializer
+
 
 def size_variable(initializer: str, d_out: int, d_in: int) -> float:
     """The initializer's size variable ``x`` at ``d_out x d_in`` (its cost class on the registry)."""
@@ -73,7 +74,10 @@ LARGEST_SIZES = 3
 
 def fit_rows(rows: list[dict], initializer: str, metric: str = "median_s", largest: int = LARGEST_SIZES) -> CostLaw | None:
     """Fit one initializer's ok rows over its ``largest`` distinct sizes; the caller
-    passes the rows of one family (``bench.identity.family``)."""
+    passes the rows of one family (``bench.identity.family``). An initializer this release
+    does not register (results of another version) has no cost class, so no law."""
+    if initializer not in INITIALIZERS:
+        return None
     pts = [
         (size_variable(initializer, r["d_out"], r["d_in"]), r[metric])
         for r in rows

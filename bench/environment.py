@@ -30,6 +30,26 @@ def _git(*args: str) -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
+def package_fingerprint(root: Path | str, package: str = "loram_ref") -> str:
+    """A hash of every ``.py`` file under ``root/package`` (relative path and bytes): equal
+    fingerprints mean the same initializer code."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    folder = Path(root) / package
+    for path in sorted(folder.rglob("*.py")):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def loram_ref_fingerprint() -> str:
+    """The fingerprint of the ``loram_ref`` this process imported (a gate worker's is its tree's)."""
+    import loram_ref
+
+    return package_fingerprint(Path(loram_ref.__file__).resolve().parent.parent)
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -48,6 +48,9 @@ MEMORY_FLOOR_BYTES = 1 << 20
 SLOWER, FASTER, SAME = "slower", "faster", "same"
 MORE_MEMORY, LESS_MEMORY = "more memory", "less memory"
 NOT_CONFIRMED, UNMEASURABLE, NOT_GATED = "not confirmed", "unmeasurable", "not gated"
+#: A cell whose initializer runs the same code on both sides (``bench.trees.initializer_fingerprints``):
+#: not measured, nothing to gate.
+UNCHANGED = "unchanged"
 #: verdicts that fail the gate (exit 1)
 REGRESSIONS = (SLOWER, MORE_MEMORY, f"{SLOWER}, {MORE_MEMORY}")
 

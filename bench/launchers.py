@@ -22,16 +22,23 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from .children import child_env, forked_child_context, import_path
+from .layout import MMAP_THRESHOLD
+from .layout import shuffle as shuffle_layout
 from .schema import CRASHED, FAILED, OK, OOM, TIMEOUT, ProcessRun
 from .tasks import Task
 from .worker import RESULT_PREFIX, apply_memory_limit, failure_message, run_task
 
 #: glibc raises its mmap threshold after freeing a large block, after which freed memory
 #: stays in RSS and a later region's peak hides inside it. A fixed threshold keeps every
-#: large tensor mmapped, so RSS (and VmHWM) follow what is live. A passive OpenMP wait
-#: policy keeps idle threads from spinning on the other cores.
-#: (the spin settings a training command sets for itself are overridden: workers sleep at once)
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0", "KMP_BLOCKTIME": "0"}
+#: large tensor mmapped, so RSS (and VmHWM) follow what is live. One malloc arena: every
+#: thread allocates from the main heap, which ``bench.layout`` shifts (a thread's own arena
+#: would be mapped later, aligned to 64 MiB, and put every large mapping after it at an
+#: aligned address). A passive OpenMP wait policy keeps idle threads from spinning on the
+#: other cores. (The spin settings a training command sets for itself are overridden:
+#: workers sleep at once.)
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_ARENA_MAX": "1", "OMP_WAIT_POLICY": "PASSIVE",
+              "GOMP_SPINCOUNT": "0", "KMP_BLOCKTIME": "0"}
 
 
 @dataclass
@@ -116,7 +123,8 @@ class ForkServerLauncher:
         ctx = _fork_server()
         receive, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_fork_entry, args=(self.worker_fn, task, send, memory_limit_bytes), daemon=True)
-        proc.start()
+        with forked_child_context(self.worker_fn):
+            proc.start()
         send.close()
         message = None
         try:
@@ -154,7 +162,7 @@ class SpawnLauncher:
     def launch(self, task: Task, limit_s: float, memory_limit_bytes: int | None = None) -> Outcome:
         from .worker import MEMORY_LIMIT_ENV
 
-        env = {**os.environ, **WORKER_ENV, MEMORY_LIMIT_ENV: str(int(memory_limit_bytes or 0))}
+        env = child_env({**WORKER_ENV, MEMORY_LIMIT_ENV: str(int(memory_limit_bytes or 0))})
         with subprocess.Popen(self.worker_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env, preexec_fn=die_with_parent) as proc:
             try:
@@ -191,8 +199,10 @@ _FORK_SERVER = None
 def _fork_server():
     """The forkserver context, its server preloading torch and the worker module.
 
-    The server is started here, with :data:`WORKER_ENV` in its environment: the OpenMP
-    runtime reads its settings when torch is loaded, in the server, before any fork.
+    The server is started here, with :data:`WORKER_ENV` in its environment (the OpenMP
+    runtime reads its settings when torch is loaded, in the server, before any fork) and,
+    like every child, with the working folder off its import path (``bench.children``:
+    the server copies this process's ``sys.path``, cleaned while it starts).
     """
     global _FORK_SERVER
     if _FORK_SERVER is None:
@@ -200,27 +210,30 @@ def _fork_server():
 
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "loram_ref", "bench.worker", "bench.layer.worker"])
-        saved = {k: os.environ.get(k) for k in WORKER_ENV}
-        os.environ.update(WORKER_ENV)
+        saved_env, saved_path = dict(os.environ), list(sys.path)
+        os.environ.clear()
+        os.environ.update(child_env(WORKER_ENV, base=saved_env))
+        sys.path[:] = import_path(saved_path)
         try:
             forkserver.ensure_running()
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            os.environ.clear()
+            os.environ.update(saved_env)
+            sys.path[:] = saved_path
         _FORK_SERVER = ctx
     return _FORK_SERVER
 
 
 def _fixed_mmap_threshold() -> None:
-    """``mallopt(M_MMAP_THRESHOLD, 64 KiB)`` in the forked worker, as ``MALLOC_MMAP_THRESHOLD_``
-    does at start-up (a no-op where the server already had it, kept for other launchers)."""
+    """``mallopt(M_MMAP_THRESHOLD, 64 KiB)`` and ``mallopt(M_ARENA_MAX, 1)`` in the forked
+    worker, as :data:`WORKER_ENV` does at start-up (a no-op where the server already had
+    them, kept for other launchers)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD = -3 (glibc)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD = -3 (glibc)
+        libc.mallopt(-8, 1)  # M_ARENA_MAX = -8
     except (OSError, AttributeError):
         pass
 
@@ -262,9 +275,10 @@ def _fork_entry(fn: Callable[[Task], dict[str, Any]], task: Task, send, memory_l
     """Child side of a forked worker: run, send one message, exit without cleanup."""
     import traceback
 
-    _exit_with_manager(send)
     _fixed_mmap_threshold()
     try:
+        shuffle_layout()  # before any thread and before the memory cap (bench.layout)
+        _exit_with_manager(send)
         apply_memory_limit(memory_limit_bytes)
         message = fn(task)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a recorded row

@@ -24,18 +24,20 @@ import torch
 
 from .catalog import write_catalog
 from .history import append_history
-from .results import export_kind
+from .results import export_kind, new_run_id, outcome_summary, read_rows
 from .runner import Runner, run_interleaved
 from .suites import QUICK_LAYER, QUICK_LIMIT_S, QUICK_LOSS, QUICK_PRESETS, QUICK_TEMPLATE, init_tasks
 from .tasks import Task
 
 
 def measure_init(tasks: list[Task], out: Path, baseline: Path | None = None, *, sources: list[str],
-                 progress: bool = True, limit_s: float = QUICK_LIMIT_S, **runner_options) -> int:
+                 progress: bool = True, limit_s: float = QUICK_LIMIT_S, run_id: str | None = None,
+                 **runner_options) -> int:
     """Measure ``tasks`` into ``out`` (and, interleaved, into ``baseline``), export both
     folders' tables and append ``out``'s new rows to its history. Returns the rows added."""
     write_catalog(out, sources)
-    runner = Runner(out / "init.jsonl", limit_s=limit_s, progress=progress, **runner_options)
+    runner = Runner(out / "init.jsonl", limit_s=limit_s, progress=progress, run_id=run_id or new_run_id(),
+                    **runner_options)
     if baseline is None:
         rows = runner.run(tasks)
     else:
@@ -49,21 +51,27 @@ def measure_init(tasks: list[Task], out: Path, baseline: Path | None = None, *, 
     return added
 
 
-def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, baseline: Path | None = None) -> None:
+def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, baseline: Path | None = None
+              ) -> list[tuple[str, bool]]:
     """Run the quick suite into ``out``. With ``baseline``, every init measurement is also
-    taken, interleaved, into ``baseline`` (an A/A pair for ``loram-bench compare``)."""
+    taken, interleaved, into ``baseline`` (an A/A pair for ``loram-bench compare``).
+    Returns each worker-measured part's summary line and whether all of its rows failed."""
     started = time.perf_counter()
     threads = min(2, torch.get_num_threads())
     tasks = init_tasks(QUICK_PRESETS, rank=QUICK_TEMPLATE.rank, threads=threads, template=QUICK_TEMPLATE)
-    measure_init(tasks, out, baseline, sources=QUICK_PRESETS, progress=progress, calibrate=True)
+    run_id = new_run_id()
+    measure_init(tasks, out, baseline, sources=QUICK_PRESETS, progress=progress, calibrate=True, run_id=run_id)
     print(f"init cost: {len(tasks)} measurements in {time.perf_counter() - started:.0f} s", flush=True)
+    parts = [outcome_summary([r for r in read_rows(out / "init.jsonl") if r.get("run_id") == run_id], "init measurements")]
     if not skip_loss:
         from .layer.run import run_layer_loss
         from .loss.run import run_loss
 
         layer_started = time.perf_counter()
-        run_layer_loss(QUICK_LAYER.config(threads=threads), out, progress=progress)
+        layer_rows = run_layer_loss(QUICK_LAYER.config(threads=threads), out, progress=progress, run_id=run_id)
+        parts.append(outcome_summary([r for r in layer_rows if r.get("run_id") == run_id], "layer-loss runs"))
         print(f"layer-loss runs: {time.perf_counter() - layer_started:.0f} s", flush=True)
         loss_started = time.perf_counter()
         run_loss(QUICK_LOSS.config(threads=threads), out, progress=progress)
         print(f"loss runs: {time.perf_counter() - loss_started:.0f} s", flush=True)
+    return parts

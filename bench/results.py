@@ -8,9 +8,12 @@ what is done. It is kept safe against the damage a kill or a disk can do:
   last line was cut off (a kill during a write) gets a newline first, so the next row is
   never glued onto the torn one;
 * readers skip a line that does not parse and say so, with its line number;
-* writers :func:`repair` a file before their first append: every such line is moved to a
-  side file (``init.rejected.jsonl`` beside ``init.jsonl``) with its line number and the
-  parse error, so nothing is deleted and the cell it held is measured again;
+* a row that parses is data, not trusted: its fields are checked (``bench.rowcheck``) and a
+  reader refuses a row that fails, naming the file, line and field;
+* writers :func:`repair` a file before their first append: every line that is not a row,
+  or a row that fails its checks, is moved to a side file (``init.rejected.jsonl`` beside
+  ``init.jsonl``) with its line number and why, so nothing is deleted and the cell it held
+  is measured again;
 * a results file that cannot be written is an error before anything is measured.
 """
 
@@ -27,10 +30,12 @@ from typing import Any, Iterable
 import pandas as pd
 
 from .identity import cell_key
-from .schema import CRASHED, FAILED, OK, OOM, SKIPPED, TIMEOUT, normalize_row
+from .rowcheck import check_row
+from .schema import CRASHED, FAILED, OK, OOM, SCHEMA_VERSION, SKIPPED, TIMEOUT, normalize_row
 
 __all__ = ["CRASHED", "FAILED", "OK", "OOM", "SKIPPED", "TIMEOUT", "ResultsFileError", "append_row", "append_rows",
-           "check_writable", "done_keys", "export", "export_kind", "read_rows", "rejected_path", "repair", "to_frame"]
+           "check_writable", "done_keys", "export", "export_kind", "new_run_id", "outcome_summary", "read_rows", "rejected_path", "repair", "replace_text",
+           "to_frame"]
 
 
 class ResultsFileError(ValueError):
@@ -75,6 +80,22 @@ def _scan(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[Damage]]:
     return rows, damages
 
 
+def _newer(row: dict[str, Any]) -> bool:
+    version = row.get("schema_version")
+    return isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION
+
+
+def _failed_checks(rows: list[tuple[int, dict[str, Any]]]) -> list[Damage]:
+    """The rows that fail their kind's checks (a newer release's rows are left to the
+    reader, which says to upgrade)."""
+    out = []
+    for number, row in rows:
+        why = None if _newer(row) else check_row(row)
+        if why:
+            out.append(Damage(number, json.dumps(row, sort_keys=True, default=str), why))
+    return out
+
+
 def check_writable(path: Path) -> None:
     """Fail before any measurement when ``path`` (or its folder) cannot be written."""
     path = Path(path)
@@ -97,6 +118,11 @@ def repair(path: Path, say=None) -> list[Damage]:
     if not path.is_file():
         return []
     rows, damages = _scan(path)
+    invalid = _failed_checks(rows)
+    if invalid:
+        bad = {d.line for d in invalid}
+        rows = [(n, r) for n, r in rows if n not in bad]
+        damages = sorted([*damages, *invalid], key=lambda d: d.line)
     if not damages:
         return []
     say = say or (lambda text: print(text, file=sys.stderr))
@@ -105,12 +131,25 @@ def repair(path: Path, say=None) -> list[Damage]:
     with side.open("a") as fh:
         for d in damages:
             fh.write(json.dumps({"file": path.name, "line": d.line, "why": d.why, "text": d.text, "set_aside": stamp}) + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row, sort_keys=True, default=str) + "\n" for _, row in rows))
-    os.replace(tmp, path)
+    replace_text(path, "".join(json.dumps(row, sort_keys=True, default=str) + "\n" for _, row in rows))
     for d in damages:
         say(f"{path}:{d.line}: {d.why}; moved to {side}")
     return damages
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Rewrite ``path`` atomically: a temporary file of its own in the same folder, then
+    ``os.replace`` (two writers in one folder never share a temporary name)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -155,7 +194,8 @@ _REPORTED: set[tuple[str, int, int]] = set()
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """All rows of a JSONL file in the current schema. Lines that are not rows are
     skipped and reported once with their line numbers (a writer's :func:`repair` sets
-    them aside)."""
+    them aside). A row that fails its checks (``bench.rowcheck``) is refused: a
+    :class:`ResultsFileError` names the file, the line and the field."""
     path = Path(path)
     if not path.exists():
         return []
@@ -165,7 +205,18 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         if mark not in _REPORTED:
             _REPORTED.add(mark)
             print(f"warning: {path}:{d.line}: {d.why}; line skipped", file=sys.stderr)
-    return [normalize_row(r) for _, r in rows]
+    for d in _failed_checks(rows):
+        raise ResultsFileError(f"{path}:{d.line}: {d.why}; this is not a row loram-bench writes: fix or delete that "
+                               "line (a run that appends to the file moves it aside)")
+    out = []
+    for number, row in rows:
+        try:
+            out.append(normalize_row(row))
+        except (TypeError, ValueError, KeyError) as exc:
+            if isinstance(exc, ResultsFileError):
+                raise
+            raise ResultsFileError(f"{path}:{number}: {exc}") from None
+    return out
 
 
 def done_keys(rows: Iterable[dict[str, Any]], limit_s: float | None = None) -> set[str]:
@@ -181,6 +232,24 @@ def done_keys(rows: Iterable[dict[str, Any]], limit_s: float | None = None) -> s
         elif r.get("status") == SKIPPED and (limit_s is None or (r.get("limit_s") or 0.0) >= limit_s):
             done.add(cell_key(r))
     return done
+
+
+def new_run_id() -> str:
+    """The id every row of one run carries: its start time and 6 random hex digits."""
+    import uuid
+
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def outcome_summary(rows: list[dict[str, Any]], what: str) -> tuple[str, bool]:
+    """One line counting ``rows`` by status, and whether every one of them failed (none ok,
+    at least one timeout, crash, error or oom): the command then exits non-zero."""
+    from collections import Counter
+
+    counts = Counter(str(r.get("status")) for r in rows)
+    line = f"{len(rows)} {what} this run: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none")
+    failed = sum(counts.get(s, 0) for s in (TIMEOUT, CRASHED, FAILED, OOM))
+    return line, bool(rows) and counts.get(OK, 0) == 0 and failed > 0
 
 
 def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

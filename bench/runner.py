@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +26,7 @@ from .calibrate import Calibration, calibrate
 from .environment import environment
 from .identity import family
 from .launchers import ForkServerLauncher, Launcher, SpawnLauncher, fork_available
-from .results import OK, SKIPPED, TIMEOUT, append_row, check_writable, done_keys, read_rows, repair
+from .results import OK, SKIPPED, TIMEOUT, append_row, check_writable, done_keys, new_run_id, read_rows, repair
 from .schema import FAILED, Measurement, SchemaError, merge_runs
 from .tasks import Task
 from .worker import run_task
@@ -48,7 +47,7 @@ class Runner:
     #: calibrate each (device, dtype, threads) before its first cell, for per-cell floors
     calibrate: bool = False
     calibrations: dict[tuple[str, str, int], Calibration | None] = field(default_factory=dict)
-    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6])
+    run_id: str = field(default_factory=new_run_id)
 
     def launcher_for(self, task: Task) -> Launcher:
         if not isinstance(self.launcher, str):
@@ -157,7 +156,7 @@ def predict_worker_s(task: Task, rows: list[dict[str, Any]], run_id: str) -> flo
     if law is None:
         return None
     per_call = law.predict(size)
-    calls = 1 + task.warmups + task.min_values + 1  # cold, warm-ups, values, memory pass
+    calls = 1 + task.warmups + max(1, task.min_values)  # cold, warm-ups, values (each also a memory region)
     largest = max(same, key=lambda r: costlaw.size_variable(task.initializer, r["d_out"], r["d_in"]))
     cold_extra = max(0.0, (largest.get("first_s") or 0.0) - largest["median_s"])  # one-time library set-up
     return per_call * calls + cold_extra

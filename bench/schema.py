@@ -41,9 +41,9 @@ class ProcessRun:
 
     ``values_s`` are the steady-state wall times after ``warmups`` calls; ``first_s`` the
     first (cold) call; ``event_values_s`` the CUDA-event times of the same calls (CUDA
-    only); the peaks are those of one separate memory pass. ``environment`` is the
-    worker's own (threads, versions, where ``loram_ref`` was imported from): runs merge
-    into one cell only when it is identical.
+    only); the peaks are the largest over the timed calls (each a memory region of its
+    own). ``environment`` is the worker's own (threads, versions, where ``loram_ref`` was
+    imported from): runs merge into one cell only when it is identical.
     """
 
     task_key: str = ""

@@ -82,6 +82,9 @@ def load_config(source: str | Path | dict[str, Any]):
         path = path / "config.json"
     if not path.is_file():
         known = ", ".join(sorted(PRESETS))
+        if path.parent.is_dir() and path.name == "config.json" and Path(source).is_dir():
+            raise ValueError(f"{source} is a folder without config.json: give a model folder holding one, a config.json "
+                             f"path or a preset ({known})")
         raise ValueError(f"unknown shape preset or config path {str(source)!r}; presets: {known}")
     try:
         fields = json.loads(path.read_text())
@@ -90,8 +93,12 @@ def load_config(source: str | Path | dict[str, Any]):
     if not isinstance(fields, dict):
         raise ValueError(f"{path} holds a JSON {type(fields).__name__}, not a config object")
     _check_model_type(fields, str(path))
+    check_config_fields(fields, str(path))
     if path.name == "config.json":
-        return AutoConfig.from_pretrained(path.parent, local_files_only=True)
+        try:
+            return AutoConfig.from_pretrained(path.parent, local_files_only=True)
+        except (TypeError, ValueError, OSError) as exc:
+            raise ValueError(f"{path}: transformers cannot read this config ({str(exc).splitlines()[0][:200]})") from None
     return _config_from_fields(fields, str(path))
 
 
@@ -107,13 +114,58 @@ def _check_model_type(fields: dict[str, Any], source: str) -> str:
     return model_type
 
 
+#: Size fields of a config that must be positive integers where present.
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "vocab_size", "head_dim", "n_embd", "n_layer", "n_head", "n_inner")
+#: The most layers a config may have: no causal LM has more than a few hundred, and
+#: building one this deep on the meta device already takes seconds.
+MAX_LAYERS = 1000
+
+
+def check_config_fields(fields: dict[str, Any], source: str) -> None:
+    """The size fields of a config are positive integers, the layer count is at most
+    :data:`MAX_LAYERS`, the hidden size splits into the heads, and the architecture (where
+    named) is a causal LM: an error naming ``source`` and the field otherwise, before
+    transformers builds anything."""
+    for name in SIZE_FIELDS:
+        value = fields.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{source}: field {name!r} must be a positive integer, got {value!r}")
+    for name in ("num_hidden_layers", "n_layer"):
+        if (fields.get(name) or 0) > MAX_LAYERS:
+            raise ValueError(f"{source}: field {name!r} is {fields[name]:,}, more layers than any causal LM has (at most "
+                             f"{MAX_LAYERS}); fix the config")
+    hidden, heads = fields.get("hidden_size"), fields.get("num_attention_heads")
+    if hidden and heads and not fields.get("head_dim") and hidden % heads:
+        raise ValueError(f"{source}: hidden_size {hidden} does not split into num_attention_heads {heads} "
+                         "(give head_dim, or fix the config)")
+    kv = fields.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise ValueError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    architectures = fields.get("architectures")
+    if architectures is not None:
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise ValueError(f"{source}: field 'architectures' must be a list of class names, got {architectures!r}")
+        if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+            raise ValueError(f"{source}: architectures {', '.join(architectures)} is not a causal LM (no ...ForCausalLM); "
+                             "loram-bench measures the linear layers of causal LMs")
+    if fields.get("is_encoder_decoder"):
+        raise ValueError(f"{source}: an encoder-decoder config; loram-bench measures causal LMs")
+
+
 def _config_from_fields(fields: dict[str, Any], source: str):
     from transformers import CONFIG_MAPPING
 
     fields = dict(fields)
     model_type = _check_model_type(fields, source)
+    check_config_fields(fields, source)
     fields.pop("model_type")
-    return CONFIG_MAPPING[model_type](**fields)
+    try:
+        return CONFIG_MAPPING[model_type](**fields)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: transformers cannot read this config ({str(exc).splitlines()[0][:200]})") from None
 
 
 def shapes_from_config(config, exclude: tuple[str, ...] = EXCLUDED) -> list[LayerShape]:
@@ -121,6 +173,11 @@ def shapes_from_config(config, exclude: tuple[str, ...] = EXCLUDED) -> list[Laye
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise ValueError(f"model_type {config.model_type!r} is an encoder (masked LM) unless is_decoder is set; "
+                         "loram-bench measures causal LMs")
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)

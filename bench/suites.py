@@ -11,8 +11,10 @@ from typing import Any
 
 import loram_ref
 
+from .checks import check_fits
 from .shapes import LayerShape, model_shapes, unique_shapes
 from .tasks import Task
+from .worker import measurement_kwargs
 
 DEFAULT_RANK = 16
 
@@ -69,6 +71,13 @@ def init_tasks(
                 base, initializer=name, d_out=shape.d_out, d_in=shape.d_in, rank=rank, role=shape.role,
                 count=shape.count, preset=source, dtype=dtype, device=device, threads=threads,
             ))
+    # a worker holds W and, for an in-place initializer, the pristine copy that restores it
+    needs: dict[str, int] = {}
+    for t in tasks:
+        copies = 2 if "inplace" in measurement_kwargs(loram_ref.get_initializer(t.initializer).fn) else 1
+        key = f"{t.d_out}x{t.d_in} {t.dtype}"
+        needs[key] = max(needs.get(key, 0), copies * t.d_out * t.d_in * t.itemsize)
+    check_fits(needs, "cpu" if device == "cpu" else device)
     return tasks
 
 

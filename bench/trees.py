@@ -10,7 +10,6 @@ region); a spawned worker (CUDA) runs ``python -m bench.trees TREE_JSON``.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import shutil
@@ -21,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+from .environment import package_fingerprint
 
 PACKAGE = "loram_ref"
 
@@ -78,30 +79,221 @@ def head_commit(root: Path) -> tuple[str, bool]:
 def fingerprint(root: Path | str) -> str:
     """A hash of every ``.py`` file under ``root/loram_ref`` (path and bytes): equal
     fingerprints mean the two sides run the same initializer code."""
-    digest = hashlib.sha1()
+    return package_fingerprint(root, PACKAGE)
+
+
+def _reexports(package: Path) -> dict[str, Path]:
+    """Names the package's ``__init__.py`` imports from its modules (``from .x import NAME``)."""
+    import ast
+
+    init = package / "__init__.py"
+    out: dict[str, Path] = {}
+    for node in ast.walk(ast.parse(init.read_text(), filename=str(init))):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            target = package.joinpath(*node.module.split("."))
+            file = target.with_suffix(".py") if target.with_suffix(".py").is_file() else target / "__init__.py"
+            for alias in node.names:
+                out[alias.asname or alias.name] = file
+    return out
+
+
+def _imported_files(path: Path, package: Path, reexports: dict[str, Path]) -> set[Path]:
+    """The files of ``package`` the module at ``path`` imports: every module named by an
+    import statement anywhere in it (function-level imports too), relative or absolute, the
+    ``__init__.py`` of each subpackage on the way, and for a name taken from the package
+    itself (``from . import NAME``) the module its ``__init__.py`` takes that name from."""
+    import ast
+
+    here = path.parent  # the package the module is in (a package's __init__ is in its own folder)
+    found: set[Path] = set()
+
+    def add(folder: Path, parts: list[str]) -> None:
+        for i in range(1, len(parts)):  # each subpackage on the way
+            if (folder.joinpath(*parts[:i]) / "__init__.py").is_file():
+                found.add(folder.joinpath(*parts[:i]) / "__init__.py")
+        target = folder.joinpath(*parts)
+        if parts and target.with_suffix(".py").is_file():
+            found.add(target.with_suffix(".py"))
+        elif (target / "__init__.py").is_file():
+            found.add(target / "__init__.py")
+
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here
+                for _ in range(node.level - 1):
+                    base = base.parent
+                parts = node.module.split(".") if node.module else []
+            elif node.module and (node.module == PACKAGE or node.module.startswith(PACKAGE + ".")):
+                base, parts = package, node.module.split(".")[1:]
+            else:
+                continue
+            add(base, parts)
+            for alias in node.names:  # `from . import x`: a module, or a name the package re-exports
+                target = base.joinpath(*parts, alias.name)
+                if target.with_suffix(".py").is_file() or (target / "__init__.py").is_file():
+                    add(base, [*parts, alias.name])
+                elif base.joinpath(*parts) == package and alias.name in reexports:
+                    found.add(reexports[alias.name])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == PACKAGE or alias.name.startswith(PACKAGE + "."):
+                    add(package, alias.name.split(".")[1:])
+    return {f for f in found if f != path}
+
+
+def _registered_names(path: Path) -> list[str]:
+    """Initializer names registered in a module: ``@register("name", ...)`` decorators."""
+    import ast
+
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for deco in node.decorator_list:
+                func = deco.func if isinstance(deco, ast.Call) else None
+                called = getattr(func, "id", None) or getattr(func, "attr", None)
+                if called == "register" and deco.args and isinstance(deco.args[0], ast.Constant) \
+                        and isinstance(deco.args[0].value, str):
+                    names.append(deco.args[0].value)
+    return names
+
+
+def initializer_fingerprints(root: Path | str) -> dict[str, str]:
+    """Per initializer registered under ``root/loram_ref``: a hash of the code it runs (its
+    module, every ``loram_ref`` module that module imports, transitively, and the package's
+    ``__init__.py``; the imports of ``__init__.py`` itself, which load every initializer, are
+    not followed: another initializer's module is not this one's code). Equal hashes on two
+    sides: the initializer runs the same code. Read from the source, nothing imported, so
+    it works for any revision."""
+    import hashlib
+
     package = Path(root) / PACKAGE
+    init = package / "__init__.py"
+    reexports = _reexports(package) if init.is_file() else {}
+    out: dict[str, str] = {}
     for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+        names = _registered_names(path)
+        if not names:
+            continue
+        closure, todo = {path, init}, [path]
+        while todo:
+            for dep in _imported_files(todo.pop(), package, reexports):
+                if dep not in closure:
+                    closure.add(dep)
+                    if dep != init:
+                        todo.append(dep)
+        digest = hashlib.sha1()
+        for file in sorted(f for f in closure if f.is_file()):
+            digest.update(str(file.relative_to(package)).encode() + b"\0" + file.read_bytes() + b"\0")
+        for name in names:
+            out[name] = digest.hexdigest()[:16]
+    return out
+
+
+#: The temporary folders of base worktrees: ``<tmp>/loram-bench-base-XXXX/tree``, with
+#: ``owner.json`` (the pid and start time of the process that made it) beside ``tree``.
+WORKTREE_PREFIX = "loram-bench-base-"
+OWNER_FILE = "owner.json"
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived (a cancelled CI job, a closed terminal): raised in the main
+    thread so that every ``finally`` runs, the worktree's removal among them."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+@contextmanager
+def _signals_raise():
+    """While inside: SIGTERM and SIGHUP raise :class:`Terminated` (SIGINT raises
+    ``KeyboardInterrupt`` already). Only in the main thread; restored afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, _frame):
+        raise Terminated(signum)
+
+    saved = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _owner() -> dict[str, Any]:
+    import os
+
+    import psutil
+
+    return {"pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def _owner_alive(owner: dict[str, Any]) -> bool:
+    import psutil
+
+    try:
+        return abs(psutil.Process(int(owner["pid"])).create_time() - float(owner["started"])) < 1e-3
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
+
+
+def prune_stale_worktrees(root: Path) -> list[str]:
+    """Remove the base worktrees of ``continuous`` runs that died without cleaning up (a
+    SIGKILL, a power cut): ours by their folder name, stale when the process named in
+    their ``owner.json`` is gone. Worktrees of other tools are never touched. Returns the
+    paths removed."""
+    out = _git(root, "worktree", "list", "--porcelain")
+    removed = []
+    for line in out.stdout.splitlines():
+        if not line.startswith("worktree "):
+            continue
+        path = Path(line[len("worktree "):])
+        parent = path.parent
+        if path.name != "tree" or not parent.name.startswith(WORKTREE_PREFIX):
+            continue
+        try:
+            owner = json.loads((parent / OWNER_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            owner = {}
+        if owner and _owner_alive(owner):
+            continue  # a run in progress
+        _git(root, "worktree", "remove", "--force", str(path))
+        shutil.rmtree(parent, ignore_errors=True)
+        removed.append(str(path))
+    _git(root, "worktree", "prune")  # entries whose folder is already gone
+    return removed
 
 
 @contextmanager
 def worktree(root: Path, commit: str) -> Iterator[Path]:
-    """``commit`` checked out (detached) into a temporary folder, removed afterwards."""
-    parent = Path(tempfile.mkdtemp(prefix="loram-bench-base-"))
-    path = parent / "tree"
-    out = _git(root, "worktree", "add", "--detach", "--quiet", str(path), commit)
-    if out.returncode != 0:
-        shutil.rmtree(parent, ignore_errors=True)
-        raise OSError(f"git worktree add {commit[:12]} failed: {out.stderr.strip()}")
-    try:
-        if not (path / PACKAGE).is_dir():
-            raise ValueError(f"revision {commit[:12]} has no {PACKAGE}/ folder: nothing to compare")
-        yield path
-    finally:
-        _git(root, "worktree", "remove", "--force", str(path))
-        shutil.rmtree(parent, ignore_errors=True)
-        _git(root, "worktree", "prune")
+    """``commit`` checked out (detached) into a temporary folder, removed afterwards, also
+    when the run is interrupted (Ctrl-C), terminated or hung up on (SIGTERM, SIGHUP: they
+    raise :class:`Terminated` while the worktree exists). Stale worktrees of earlier runs
+    that were killed outright are pruned first (:func:`prune_stale_worktrees`)."""
+    with _signals_raise():
+        for path in prune_stale_worktrees(root):
+            print(f"removed the stale base worktree {path} of a gate run that was killed", file=sys.stderr)
+        parent = Path(tempfile.mkdtemp(prefix=WORKTREE_PREFIX))
+        try:
+            (parent / OWNER_FILE).write_text(json.dumps(_owner()))
+            path = parent / "tree"
+            out = _git(root, "worktree", "add", "--detach", "--quiet", str(path), commit)
+            if out.returncode != 0:
+                raise OSError(f"git worktree add {commit[:12]} failed: {out.stderr.strip()}")
+            if not (path / PACKAGE).is_dir():
+                raise ValueError(f"revision {commit[:12]} has no {PACKAGE}/ folder: nothing to compare")
+            yield path
+        finally:
+            _git(root, "worktree", "remove", "--force", str(parent / "tree"))
+            shutil.rmtree(parent, ignore_errors=True)
+            _git(root, "worktree", "prune")
 
 
 def load_tree(tree: Tree):
@@ -123,37 +315,13 @@ def load_tree(tree: Tree):
     return module
 
 
-#: What :func:`shuffle_layout` allocated: kept alive for the worker's life.
-_LAYOUT: list[Any] = []
-
-
-def shuffle_layout() -> None:
-    """Give this process a memory layout of its own (Stabilizer's idea: Curtsinger & Berger,
-    ASPLOS 2013). A forked worker inherits the fork server's address space, and the steps a
-    side's workers take before measuring are the same every time, so without this every
-    worker of one side would get the same heap and mmap addresses: measured here, the small
-    noise-init cells then ran in one speed mode (150 µs) on one side and another (300 µs)
-    on the other for a whole run, a 2x "regression" between two identical trees. A few
-    random-sized heap blocks and one random-sized anonymous mapping shift every later
-    allocation, so the mode is drawn per process and falls on both sides alike."""
-    import mmap
-    import os
-    import random
-
-    rng = random.Random(os.urandom(16))  # forked children share the parent's random state
-    _LAYOUT.extend(bytearray(rng.randrange(1 << 10, 1 << 16)) for _ in range(rng.randrange(1, 9)))
-    _LAYOUT.append(mmap.mmap(-1, rng.randrange(1, 1 << 10) * mmap.PAGESIZE))
-
-
 def run_tree_task(tree: Tree, task) -> dict[str, Any]:
-    """A worker's body: the task measured with ``tree``'s initializers (``bench.worker.run_task``),
-    in a memory layout of its own (:func:`shuffle_layout`, before and after the import)."""
+    """A worker's body: the task measured with ``tree``'s initializers (``bench.worker.run_task``).
+    The launcher has already given the process a memory layout of its own (``bench.layout``)."""
     from .worker import PHASE, run_task
 
     PHASE["now"] = "setup"
-    shuffle_layout()
     load_tree(tree)
-    shuffle_layout()
     return run_task(task)
 
 

@@ -7,7 +7,9 @@ Invoked by a launcher (``bench.launchers``): forked from the fork server with
 JSON on stdin and the result as one line on stdout prefixed with :data:`RESULT_PREFIX`.
 Everything the measurement does not need (the weight, the synthetic statistics, the
 pristine copy that restores the weight before each in-place call) is set up before any
-region is entered.
+region is entered. Every timed call after the cold one and the warm-ups is also a memory
+region (the peak reset at its entry, read at its exit, both outside the timed span): the
+peaks are the largest over those calls, and no extra call is made only for memory.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ import torch
 import loram_ref
 
 from .environment import worker_environment
-from .measure import cpu_peak, gpu_peak, timed
+from .measure import CpuPeak, GpuPeak, cpu_peak, gpu_peak, timed
 from .schema import FAILED, OOM, ProcessRun
 from .tasks import Task
 
 RESULT_PREFIX = "LORAM_BENCH_RESULT "
 
 
-def _measurement_kwargs(fn) -> dict[str, Any]:
+def measurement_kwargs(fn) -> dict[str, Any]:
     """How the benchmark calls an initializer.
 
     ``inplace=True`` where accepted: the residual replaces the base weight, as it does in
@@ -135,13 +137,26 @@ def apply_memory_limit(limit_bytes: int | None) -> None:
 
 
 def begin_setup(threads: int, device: str) -> torch.device:
-    """A worker's first step: the "setup" phase, its thread count, its device (CUDA initialized)."""
+    """A worker's first step: the "setup" phase, its heap drained again so that what it
+    allocates from here on sits in the process's own layout (``bench.layout.settle``), its
+    thread count, its device (CUDA initialized)."""
+    from .layout import settle
+
     PHASE["now"] = "setup"
+    settle()
     torch.set_num_threads(threads)
     resolved = torch.device(device)
     if resolved.type == "cuda":
         torch.cuda.init()
     return resolved
+
+
+def _larger(kept, new):
+    """The larger of two regions' peaks: CPU, the region with more RSS above its entry;
+    CUDA, the larger allocated and the larger reserved bytes."""
+    if isinstance(new, CpuPeak):
+        return new if not kept.method or new.extra_bytes > kept.extra_bytes else kept
+    return GpuPeak(max(kept.allocated_bytes, new.allocated_bytes), max(kept.reserved_bytes, new.reserved_bytes))
 
 
 def run_task(task: Task) -> dict[str, Any]:
@@ -157,37 +172,41 @@ def run_task(task: Task) -> dict[str, Any]:
     device = begin_setup(task.threads, task.device)
     spec = loram_ref.get_initializer(task.initializer)
     weight = _make_weight(task, device)
-    kwargs: dict[str, Any] = {**_make_stats(spec, task, device), **_measurement_kwargs(spec.fn), **task.options}
+    kwargs: dict[str, Any] = {**_make_stats(spec, task, device), **measurement_kwargs(spec.fn), **task.options}
     pristine = weight.clone() if kwargs.get("inplace") else weight
 
-    def call() -> loram_ref.LoraInit:
-        return spec.fn(weight, task.rank, task.scaling, **kwargs)
+    result: list[loram_ref.LoraInit] = []  # the latest call's result (the diagnostics read the last one)
+
+    def call() -> None:
+        result[:] = [spec.fn(weight, task.rank, task.scaling, **kwargs)]
 
     def restore() -> None:
+        """Before each call after the first: the previous result freed, W as it was."""
+        result.clear()
         if pristine is not weight:
             weight.copy_(pristine)
 
     PHASE["now"] = "initializer"
     first = timed(call, device)
-    restore()
     for _ in range(task.warmups):
+        restore()
         call()
-        restore()
+    # Each timed call is also a memory region: the kernel's peak RSS (and the CUDA allocator's
+    # peak) reset at its entry, read at its exit, outside the timed span; the row keeps the
+    # largest over the timed calls. The last call's result stays for the diagnostics.
     values, events = [], []
+    cpu, gpu = CpuPeak(), GpuPeak()
     spent = 0.0
-    while len(values) < task.values and (len(values) < task.min_values or spent < task.value_budget_s):
-        t = timed(call, device)
+    while not values or (len(values) < task.values and (len(values) < task.min_values or spent < task.value_budget_s)):
         restore()
+        with cpu_peak() as region, gpu_peak(device) as gpu_region:
+            t = timed(call, device)
+        cpu, gpu = _larger(cpu, region), _larger(gpu, gpu_region)
         values.append(t.wall_s)
         spent += t.wall_s
         if t.event_s is not None:
             events.append(t.event_s)
-
-    # Memory pass, apart from timing: the region holds only the initializer call.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    with cpu_peak() as cpu, gpu_peak(device) as gpu:
-        init = call()
+    init = result[0]
     PHASE["now"] = "diagnostics"
     diagnostics: dict[str, Any] = {}
     try:
@@ -228,7 +247,10 @@ def serve(from_dict, fn) -> int:
     import os
     import traceback
 
+    from .layout import shuffle
+
     task = from_dict(json.loads(sys.stdin.read()))
+    shuffle()  # a layout of its own, before the memory cap (bench.layout)
     apply_memory_limit(int(os.environ.get(MEMORY_LIMIT_ENV) or 0))
     try:
         result = fn(task)

@@ -417,6 +417,8 @@ def _by_alignment(table: pd.DataFrame, y: str, low: str, high: str, title: str, 
     from plotly.subplots import make_subplots
 
     alignments = [a for a in ("aligned", "random", "bottom") if a in set(table["alignment"])]
+    if not alignments:
+        return go.Figure(layout={"title": f"{title}: no runs to draw", "template": "plotly_white", "height": 200})
     fig = make_subplots(rows=1, cols=len(alignments), shared_yaxes=True,
                         subplot_titles=[f"{a} target" for a in alignments], horizontal_spacing=0.04)
     for col, alignment in enumerate(alignments, start=1):

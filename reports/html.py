@@ -68,6 +68,15 @@ def _fmt(value: Any, column: str = "") -> str:
     return str(value)
 
 
+def _e(value: Any, spec: str = "") -> str:
+    """A value from a results file as HTML text: formatted (``spec`` for numbers), then
+    escaped. Every value that reaches the page from a row goes through here or
+    :func:`table_html`: rows are data, never markup."""
+    if spec and isinstance(value, (int, float)) and not isinstance(value, bool) and not pd.isna(value):
+        return html.escape(format(value, spec))
+    return html.escape(_fmt(value))
+
+
 def table_html(frame: pd.DataFrame, columns: list[str] | None = None, classes: pd.Series | None = None) -> str:
     """A sortable HTML table; each cell keeps its exact value in ``data-v`` for sorting."""
     if frame.empty:
@@ -76,7 +85,7 @@ def table_html(frame: pd.DataFrame, columns: list[str] | None = None, classes: p
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = []
     for i, (_, row) in enumerate(frame[cols].iterrows()):
-        css = f' class="{classes.iloc[i]}"' if classes is not None else ""
+        css = f' class="{html.escape(str(classes.iloc[i]))}"' if classes is not None else ""
         cells_ = "".join(f'<td data-v="{html.escape(str(row[c]))}"{_cell_class(c)}>{html.escape(_fmt(row[c], c))}</td>'
                          for c in cols)
         body.append(f"<tr{css}>{cells_}</tr>")
@@ -99,7 +108,7 @@ def _section(anchor: str, title: str, *parts: str) -> str:
     return f'<h2 id="{anchor}">{html.escape(title)}</h2>' + "".join(parts)
 
 
-VERDICT_COLUMNS = ["rank", "initializer", "lr", "seeds", "diverged", "final_eval_mean", "final_eval_ci_low",
+VERDICT_COLUMNS = ["place", "initializer", "lr", "seeds", "diverged", "final_eval_mean", "final_eval_ci_low",
                    "final_eval_ci_high", "eval_auc_mean", "best_diff_mean", "best_diff_ci_low", "best_diff_ci_high",
                    "best_p_value", "best_p_holm", "trainable_params", "step0_eval_loss_change", "init_seconds",
                    "stats_seconds", "final_update_norm_mean"]
@@ -120,14 +129,14 @@ def _loss_section(data) -> str:
     lrs = ", ".join(f"{v:g}" for v in sorted(s["lr"].unique())) if "lr" in s else ""
     seeds = ", ".join(str(int(v)) for v in sorted(s["seed"].unique())) if "seed" in s else ""
     scaling = config.get("scaling_mode", "shared")
-    meta = (f"<p class='note'>{html.escape(str(config.get('model')))}, data {html.escape(str(config.get('data')))} "
-            f"(sha256 {str(config.get('data_sha256'))[:12]}…), {config.get('steps')} steps of "
-            f"{config.get('batch_size')} x {config.get('seq_len')} tokens, r={config.get('rank')}, scaling "
-            f"{html.escape(str(scaling))} (alpha {config.get('alpha')}), AdamW at lr {lrs}, seeds {seeds}, "
-            f"{config.get('device')} {config.get('dtype')} (autocast {html.escape(str(config.get('autocast', 'none')))}); "
-            f"eval every {config.get('eval_every', '?')} steps on the same {config.get('eval_blocks')} held-out blocks; "
-            f"base-model eval loss {config.get('base_eval_loss'):.4f}. For one seed, every initializer trains on "
-            "the same batches in the same order, so differences are paired over seeds.</p>")
+    meta = (f"<p class='note'>{_e(config.get('model'))}, data {_e(config.get('data'))} "
+            f"(sha256 {_e(str(config.get('data_sha256'))[:12])}…), {_e(config.get('steps'))} steps of "
+            f"{_e(config.get('batch_size'))} x {_e(config.get('seq_len'))} tokens, r={_e(config.get('rank'))}, scaling "
+            f"{_e(scaling)} (alpha {_e(config.get('alpha'))}), AdamW at lr {_e(lrs)}, seeds {_e(seeds)}, "
+            f"{_e(config.get('device'))} {_e(config.get('dtype'))} (autocast {_e(config.get('autocast', 'none'))}); "
+            f"eval every {_e(config.get('eval_every', '?'))} steps on the same {_e(config.get('eval_blocks'))} held-out "
+            f"blocks; base-model eval loss {_e(config.get('base_eval_loss'), '.4f')}. For one seed, every initializer "
+            "trains on the same batches in the same order, so differences are paired over seeds.</p>")
     if data.other_loss_configs:
         meta += (f"<p class='note'>loss.jsonl also holds {data.other_loss_configs} other configuration(s); only the "
                  "latest is shown (loss_stats.csv has all).</p>")
@@ -140,7 +149,7 @@ def _loss_section(data) -> str:
             f"<li>{html.escape(text)}</li>" for text in verdict.sentences.values()) + "</ul>")
         parts.append("<p class='note'>± is the half-width of a 95 % Student-t interval over seeds of the paired "
                      f"difference to {html.escape(verdict.reference or 'the reference')}; p is the paired t-test's, "
-                     "Holm-adjusted over the initializers (p_holm). Initializers share a rank where no paired "
+                     "Holm-adjusted over the initializers (p_holm). Initializers share a place where no paired "
                      "interval separates them. A best lr is picked on the same seeds it is scored on, which flatters "
                      "it; with 3 seeds only differences several times the seed spread are resolved.</p>")
         parts.append(table_html(verdict.best, VERDICT_COLUMNS))
@@ -161,7 +170,7 @@ def _loss_section(data) -> str:
     return "".join(parts)
 
 
-LAYER_VERDICT_COLUMNS = ["shape", "alignment", "rank", "initializer", "lr", "seeds", "diverged", "final_eval_mean",
+LAYER_VERDICT_COLUMNS = ["shape", "alignment", "place", "initializer", "lr", "seeds", "diverged", "final_eval_mean",
                          "final_eval_ci_low", "final_eval_ci_high", "eval_auc_mean", "best_diff_mean", "best_diff_ci_low",
                          "best_diff_ci_high", "best_p_holm", "trainable_params", "init_seconds", "stats_seconds"]
 
@@ -194,12 +203,14 @@ def _layer_section(data) -> str:
     first = rows.iloc[-1]
     spec = {k[5:]: first[k] for k in rows.columns if k.startswith("spec_")}
     meta = (f"<p class='note'>A frozen W per layer shape and seed (a Marchenko-Pastur bulk plus "
-            f"{spec.get('top_directions')} singular values above it, σ_1 = {1 + spec.get('top_strength', 0):g}× the bulk edge), "
-            f"a rank-{spec.get('target_rank')} target ΔW* with ‖ΔW*‖_F = {spec.get('target_scale')}·‖W‖_F in W's top "
-            f"singular subspace (aligned), a random one, or W's null directions (bottom), and {spec.get('input_spectrum')} "
-            f"inputs. r = {first.get('rank')}, {first.get('steps')} AdamW steps on {first.get('gradients')} gradients; "
-            "the loss is ‖(W_eff − W − ΔW*)Σ^½‖² / ‖ΔW*Σ^½‖² (1: no progress). Every initializer of one seed trains "
-            "on the same problem: differences are paired over seeds.</p>")
+            f"{_e(spec.get('top_directions'))} singular values above it, σ_1 = "
+            f"{_e(1 + spec['top_strength'] if isinstance(spec.get('top_strength'), (int, float)) else None, 'g')}× the "
+            f"bulk edge), a rank-{_e(spec.get('target_rank'))} target ΔW* with ‖ΔW*‖_F = {_e(spec.get('target_scale'))}·"
+            f"‖W‖_F in W's top singular subspace (aligned), a random one, or W's null directions (bottom), and "
+            f"{_e(spec.get('input_spectrum'))} inputs. r = {_e(first.get('rank'))}, {_e(first.get('steps'))} AdamW steps "
+            f"on {_e(first.get('gradients'))} gradients; the loss is ‖(W_eff − W − ΔW*)Σ^½‖² / ‖ΔW*Σ^½‖² (1: no "
+            "progress). Every initializer of one seed trains on the same problem: differences are paired over "
+            "seeds.</p>")
     if data.other_layer_configs:
         meta += (f"<p class='note'>layer_loss.jsonl also holds {data.other_layer_configs} other configuration(s); "
                  "only the latest is shown (layer_loss_stats.csv has all).</p>")
@@ -217,7 +228,11 @@ def _layer_section(data) -> str:
         if not table.empty:
             reference = verdict.configs[0].verdict.reference or "the reference"
             parts.append(_figure(figures.layer_error_by_size(table)))
-            parts.append(_figure(figures.layer_diff_by_size(table, reference)))
+            if (table["is_best_lr"] & (table["initializer"] != reference)).any():
+                parts.append(_figure(figures.layer_diff_by_size(table, reference)))
+            else:
+                parts.append(f"<p class='note'>No difference to {_e(reference)} to draw: these runs hold no other "
+                             "initializer.</p>")
         ok = verdict.frame
         parts.append(_figure(figures.layer_curves(ok)))
         if not table.empty:
@@ -322,7 +337,7 @@ def render_sections(data: ResultSet, comparison: pd.DataFrame | None,
             counts = failed["status"].value_counts().to_dict()
             sections.append(("failures", "Failures and skipped cells",
                              f'<p class="note">{len(failed)} cells were not measured: '
-                             + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+                             + ", ".join(f"{n} {_e(k)}" for k, n in sorted(counts.items()))
                              + ". Failed cells (red) are drawn as crosses at the time their cost law predicts, skipped "
                                "ones (yellow) as hollow circles; a cell without a law is not drawn.</p>"
                              + '<div id="failure-table">' + table_html(failed, FAILURE_COLUMNS, classes=_status_classes(failed))

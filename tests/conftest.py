@@ -45,3 +45,54 @@ def orthonormality_error(cols: torch.Tensor) -> float:
     """max |CᵀC - I| for a matrix with (supposedly) orthonormal columns."""
     c = cols.double()
     return float((c.mT @ c - torch.eye(c.shape[1], dtype=torch.float64)).abs().max())
+
+
+#: What importing a planted module does: leave a marker (in the folder the running command
+#: names in LORAM_TEST_MARKS) and fail.
+_PLANTED_SOURCE = (
+    "import os\n"
+    "open(os.path.join(os.environ.get('LORAM_TEST_MARKS', '.'), __name__ + '-' + str(os.getpid())), 'w').close()\n"
+    "raise ImportError('planted module imported from the working folder')\n")
+#: Modules named like what the harness and its children import.
+PLANTED = ("json", "pickle", "torch", "numpy", "loram_ref", "bench")
+#: The real commands run from the planted folder, each a child-process path: the fork server and
+#: its workers plus the calibration (run), layer workers (layer-loss), torchrun and its ranks
+#: (sharded), the base tree's workers (continuous). The first three write one results folder.
+PLANTED_COMMANDS = {
+    "run": ["run", "--shape", "32x32", "--initializers", "noise_zeros", "loram_dst", "--values", "1", "--processes", "1",
+            "--out", "results"],
+    "layer-loss": ["layer-loss", "--shapes", "96x96", "--initializers", "noise_zeros", "loram_dst", "--seeds", "0", "1",
+                   "--steps", "2", "--out", "results"],
+    "sharded": ["sharded", "--world-size", "1", "--shape", "32x32", "--initializers", "noise_zeros", "loram_dst",
+                "--repeats", "1", "--out", "results"],
+    "continuous": ["continuous", "HEAD", "--shape", "32x32", "--initializers", "noise_zeros", "--screen-rounds", "2",
+                   "--gate-unchanged", "--out", "results-gate"],
+}
+
+
+@pytest.fixture(scope="session")
+def planted_runs(tmp_path_factory):
+    """Every command of :data:`PLANTED_COMMANDS` run, as a user would, from a working folder
+    full of planted modules (:data:`PLANTED`). Returns the folder, each command's finished
+    process and the markers its children left (none, unless one imported from the folder)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("planted")
+    folder = root / "work"
+    folder.mkdir()
+    for name in PLANTED:
+        (folder / f"{name}.py").write_text(_PLANTED_SOURCE)
+    script = Path(sys.executable).with_name("loram-bench")
+    runs, marks = {}, {}
+    for command, args in PLANTED_COMMANDS.items():
+        mark_dir = root / f"marks-{command}"
+        mark_dir.mkdir()
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "LORAM_TEST_MARKS": str(mark_dir)}
+        runs[command] = subprocess.run([str(script), *args, "--no-progress"], cwd=folder, capture_output=True,
+                                       text=True, timeout=600, env=env)
+        marks[command] = sorted(p.name for p in mark_dir.iterdir())
+    return SimpleNamespace(folder=folder, runs=runs, marks=marks)

@@ -216,30 +216,6 @@ def test_run_tree_task_measures_with_the_trees_code(tmp_path):
         sys.path[:] = path
 
 
-def _addresses_after_shuffle(task) -> dict:
-    """Worker body: shuffle this process's layout, then report where a small (heap) and a
-    large (mmapped, past glibc's threshold) tensor land."""
-    import torch
-
-    from bench.trees import shuffle_layout
-
-    shuffle_layout()
-    small, large = torch.empty(1024), torch.empty(1 << 16)
-    return {"small": small.data_ptr(), "large": large.data_ptr()}
-
-
-def test_forked_workers_get_layouts_of_their_own():
-    from bench.launchers import ForkServerLauncher
-    from bench.tasks import Task
-
-    launcher = ForkServerLauncher(_addresses_after_shuffle, decode=dict)
-    task = Task("noise_zeros", 8, 8, 1)
-    seen = [launcher.launch(task, 60).run for _ in range(4)]
-    # page-granular shifts of every later mapping; without the shuffle all four are one address.
-    # Two of four draws of ~1000 sizes may coincide (or land in one freed hole): at least 3 distinct.
-    assert len({s["large"] for s in seen}) >= 3
-
-
 def test_a_spawned_tree_worker_measures_with_the_trees_code(tmp_path):
     """The CUDA path's mechanism (``python -m bench.trees TREE_JSON``), run on CPU."""
     import sys
@@ -263,7 +239,8 @@ SMALL = dict(presets=[], shapes=[(64, 64), (96, 64)], initializers=["loram_dst",
 
 
 def test_continuous_catches_a_planted_slowdown_and_nothing_else(tmp_path):
-    config = ContinuousConfig("HEAD", **SMALL, rule=GateRule(2, 4, 1.0), slow_down={"loram_dst": 4.0})
+    config = ContinuousConfig("HEAD", **SMALL, rule=GateRule(2, 4, 1.0), slow_down={"loram_dst": 4.0},
+                              gate_unchanged=True)
     result = run_continuous(config, tmp_path, progress=False, say=lambda _: None)
     verdicts = {(d["initializer"], d["shape"]): d["verdict"] for d in result.decisions}
     assert verdicts[("loram_dst", "64x64")] == verdicts[("loram_dst", "96x64")] == SLOWER
@@ -390,7 +367,7 @@ def test_cli_continuous_exit_codes_report_and_bad_input(tmp_path, capsys):
 
 def test_gate_error_rates_command_reads_real_rounds(tmp_path, capsys):
     config = ContinuousConfig("HEAD", presets=[], shapes=[(64, 64)], initializers=["noise_zeros", "loram_dst"],
-                              rule=GateRule(4, 2, 1000.0, 1000.0))
+                              rule=GateRule(4, 2, 1000.0, 1000.0), gate_unchanged=True)
     run_continuous(config, tmp_path, progress=False, say=lambda _: None)
     cells = load_rounds(tmp_path)
     assert len(cells) == 2 and all(c.rounds == 4 for c in cells)
@@ -425,3 +402,50 @@ def test_history_trend_marks_the_runs_that_confirmed_a_change():
     assert marks[0].marker.symbol == "triangle-up" and "x1.310 [1.250, 1.370]" in marks[0].text[0]
     lines = [t for t in fig.data if t.mode == "lines+markers"]
     assert {t.name for t in lines} == {"loram_dst", "noise_zeros"}  # change rows are not drawn as a line
+
+
+# -- which initializers changed ------------------------------------------------------------
+
+def _edited_copy(tmp_path: Path, module: str, name: str = "tree") -> Path:
+    """A copy of loram_ref with one harmless line appended to ``module``."""
+    root = tmp_path / name
+    shutil.copytree(Path(loram_ref.__file__).parent, root / "loram_ref", ignore=shutil.ignore_patterns("__pycache__"))
+    with (root / "loram_ref" / module).open("a") as fh:
+        fh.write("\n_EDITED = True\n")
+    return root
+
+
+@pytest.mark.parametrize("module, changed", [
+    ("loram.py", {"loram_dst", "loram_rorth"}),              # one method's module: its initializers only
+    ("noise.py", {"noise_zeros", "gaussian"}),
+    ("bases.py", {"loram_dst", "loram_rorth"}),              # a module only LoRAM imports
+    ("linalg.py", {"pissa", "pissa_rsvd", "lora_sb", "lora_da"}),  # the randomized SVD's users (fidelity included)
+    ("validation.py", set(loram_ref.INITIALIZERS)),          # imported by every method
+    ("__init__.py", set(loram_ref.INITIALIZERS)),            # the package itself
+])
+def test_an_edit_changes_the_fingerprints_of_exactly_the_initializers_that_import_it(tmp_path, module, changed):
+    from bench.trees import initializer_fingerprints
+
+    before = initializer_fingerprints(checkout_root())
+    after = initializer_fingerprints(_edited_copy(tmp_path, module))
+    assert set(before) == set(after) == set(loram_ref.INITIALIZERS)
+    assert {n for n in before if before[n] != after[n]} == changed
+
+
+def test_the_gate_measures_only_initializers_whose_code_changed(tmp_path):
+    from bench.continuous import same_code
+
+    config = ContinuousConfig("HEAD", presets=[], shapes=[(64, 64)], initializers=["loram_dst", "noise_zeros"])
+    tasks = config.tasks()
+    edited = _edited_copy(tmp_path, "noise.py")
+    assert same_code(checkout_root(), edited, tasks, {}) == {"loram_dst"}
+    assert same_code(checkout_root(), checkout_root(), tasks, {"loram_dst": 2.0}) == {"noise_zeros"}  # planted: changed
+    missing = _copy_tree(tmp_path / "m", "")
+    (missing / "loram_ref" / "loram.py").write_text((missing / "loram_ref" / "loram.py").read_text()
+                                                   .replace('"loram_dst"', '"loram_dst_renamed"'))
+    assert "loram_dst" not in same_code(checkout_root(), missing, tasks, {})  # gone on one side: gated (unmeasurable)
+    # end to end: an A/A gate run measures nothing and says so; --gate-unchanged measures every cell
+    result = run_continuous(config, tmp_path / "aa", progress=False, say=lambda _: None)
+    assert {d["verdict"] for d in result.decisions} == {"unchanged"} and result.exit_code == 0
+    assert not (tmp_path / "aa" / "continuous.jsonl").is_file() or not (tmp_path / "aa" / "continuous.jsonl").read_text()
+    assert "2 cells: 2 unchanged" in result.summary()

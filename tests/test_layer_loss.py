@@ -423,3 +423,23 @@ def test_report_command_accepts_a_folder_with_only_layer_results(tmp_path):
         for r in _synthetic_rows(-0.05, 0.2)])
     assert main(["report", str(tmp_path)]) == 0
     assert "Layer-level loss" in (tmp_path / "report.html").read_text()
+
+
+def test_cached_factors_are_reused_only_by_the_same_initializer_code(tmp_path, monkeypatch):
+    """The cache file carries the fingerprint of the loram_ref that computed it: after a code
+    change (another fingerprint) the group computes its factors again instead of reusing them."""
+    import bench.layer.worker as worker
+
+    task = _task("loram_dst", cache_dir=str(tmp_path))
+    problem = LayerProblem(task.d_out, task.d_in, task.seed, task.problem_spec, torch.device("cpu"))
+    target = problem.target(task.alignment)
+    first = worker.cached_init(task, problem, target)[1]["init_cached"]
+    again = worker.cached_init(task, problem, target)[1]["init_cached"]
+    monkeypatch.setattr(worker, "loram_ref_fingerprint", lambda: "0123456789abcdef")
+    changed = worker.cached_init(task, problem, target)[1]["init_cached"]
+    assert (first, again, changed) == (False, True, False)
+    from bench.environment import loram_ref_fingerprint
+
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == sorted(
+        [f"{task.group_key}-{loram_ref_fingerprint()}.pt", f"{task.group_key}-0123456789abcdef.pt"])
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from bench.loss.verdict import Interval, Paired, holm, tied_ranks, verdict_for, verdicts, write_verdict
+from bench.loss.verdict import Interval, Paired, holm, tied_places, verdict_for, verdicts, write_verdict
 
 
 def _rows(effects, lrs=(1e-3, 3e-3), seeds=(0, 1, 2, 3), seed_noise=0.05, noise=0.003, lr_penalty=None, rng_seed=0):
@@ -62,19 +62,19 @@ def test_ranks_tie_where_no_paired_interval_separates():
         "mid_a": {s: 2.2 + shift[s] + 0.01 * (-1) ** s for s in range(4)},
         "mid_b": {s: 2.2 + shift[s] - 0.01 * (-1) ** s for s in range(4)},
     }
-    assert tied_ranks(finals) == {"best": "1", "mid_a": "=2", "mid_b": "=2"}
+    assert tied_places(finals) == {"best": "1", "mid_a": "=2", "mid_b": "=2"}
     one_seed = {name: {0: v[0]} for name, v in finals.items()}
-    assert set(tied_ranks(one_seed).values()) == {"=1"}  # one seed resolves nothing
+    assert set(tied_places(one_seed).values()) == {"=1"}  # one seed resolves nothing
 
 
 def test_verdict_finds_a_real_difference_and_ties_noise():
     rows = _rows({"noise_zeros": 0.0, "loram_dst": -0.08, "pissa_rsvd": 0.0})
     verdict = verdict_for(pd.DataFrame(rows))
     best = verdict.best.set_index("initializer")
-    assert best.loc["loram_dst", "rank"] == "1"
+    assert best.loc["loram_dst", "place"] == "1"
     assert best.loc["loram_dst", "best_diff_ci_high"] < 0 and best.loc["loram_dst", "best_p_holm"] < 0.01
     assert best.loc["pissa_rsvd", "best_p_holm"] > 0.05
-    assert best.loc["noise_zeros", "rank"] == best.loc["pissa_rsvd", "rank"] == "=2"
+    assert best.loc["noise_zeros", "place"] == best.loc["pissa_rsvd", "place"] == "=2"
     assert "better than noise_zeros" in verdict.sentences["loram_dst"]
     assert "not distinguishable from noise_zeros" in verdict.sentences["pissa_rsvd"]
     assert "the reference" in verdict.sentences["noise_zeros"]
@@ -102,7 +102,7 @@ def test_one_seed_gives_numbers_but_no_verdict():
     rows = _rows({"noise_zeros": 0.0, "lora_sb": 0.05}, lrs=(1e-3,), seeds=(0,))
     verdict = verdict_for(pd.DataFrame(rows))
     assert "no interval, no verdict" in verdict.sentences["lora_sb"]
-    assert set(verdict.best["rank"]) == {"=1"}
+    assert set(verdict.best["place"]) == {"=1"}
 
 
 def test_without_the_reference_there_is_no_paired_comparison():
@@ -124,7 +124,7 @@ def test_loss_stats_csv_has_every_configuration_and_the_columns_the_issue_names(
     table = pd.read_csv(path)
     assert set(table["config_key"]) == {"k", "old"}
     for column in ("seeds", "final_eval_mean", "final_eval_ci_low", "final_eval_ci_high", "eval_auc_mean", "diff_mean",
-                   "diff_ci_low", "diff_ci_high", "p_value", "is_best_lr", "rank", "trainable_params",
+                   "diff_ci_low", "diff_ci_high", "p_value", "is_best_lr", "place", "trainable_params",
                    "step0_eval_loss_change", "init_seconds", "stats_seconds"):
         assert column in table.columns
     assert verdicts(rows)[0].config_key == "k"  # the most recent configuration first

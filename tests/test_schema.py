@@ -75,8 +75,9 @@ def test_rows_written_carry_the_schema_version(tmp_path):
     assert append_history(rows, tmp_path / "history.jsonl") == 1
     assert json.loads((tmp_path / "history.jsonl").read_text())["schema_version"] == SCHEMA_VERSION
     # a row without a version is schema 1 (hand-made files, the first release)
-    append_row(tmp_path / "x.jsonl", {"kind": "loss", "step": 1})
-    assert read_rows(tmp_path / "x.jsonl") == [{"kind": "loss", "step": 1, "schema_version": SCHEMA_VERSION}]
+    append_row(tmp_path / "x.jsonl", {"kind": "loss", "initializer": "noise_zeros", "step": 1})
+    assert read_rows(tmp_path / "x.jsonl") == [{"kind": "loss", "initializer": "noise_zeros", "step": 1,
+                                                "schema_version": SCHEMA_VERSION}]
 
 
 def test_a_newer_schema_is_refused_with_advice():

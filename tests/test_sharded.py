@@ -226,7 +226,10 @@ def test_each_failure_costs_its_own_row(tmp_path, monkeypatch):
     import psutil
 
     began = time.time()
-    monkeypatch.setenv(PLUGINS_ENV, "tests.sharded_faults")
+    # the ranks import the plugin from its folder (the working folder is off every child's path)
+    monkeypatch.setenv(PLUGINS_ENV, "sharded_faults")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
     # each failure ends its launch; the next row gets a launch of its own (the run goes on)
     config = ShardedConfig(initializers=["raise_on_rank1", "hang_on_rank1", "kill_rank1"],
                            shapes=[(32, 16)], world_sizes=[2], placements=["row"], rank=4, repeats=1, limit_s=3.0)

@@ -19,7 +19,6 @@ import json
 import math
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -29,9 +28,10 @@ from tqdm import tqdm
 import loram_ref
 
 from .. import costlaw
+from ..checks import check_fits, check_memory_limit, check_threads
 from ..environment import environment
 from ..launchers import ForkServerLauncher, Launcher, SpawnLauncher, fork_available
-from ..results import OK, SKIPPED, append_row, check_writable, read_rows, repair
+from ..results import OK, SKIPPED, append_row, check_writable, new_run_id, read_rows, repair
 from ..schema import FAILED, SCHEMA_VERSION
 from ..shapes import model_shapes, unique_shapes
 from ..suites import DEFAULT_LOSS_INITIALIZERS, check_seeds_and_lrs
@@ -105,6 +105,8 @@ class LayerConfig:
         for flag, value in (("--init-limit", self.init_limit_s), ("--limit", self.limit_s)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{flag} must be > 0 and finite (seconds), got {value}")
+        check_threads(self.threads, device="cpu" if self.device == "cpu" else "cuda")
+        check_memory_limit(self.memory_limit_bytes)
         self.spec.validate(rank=self.rank)
 
     def lora_setup(self, name: str) -> tuple[float, bool, float]:
@@ -135,6 +137,9 @@ class LayerConfig:
                 self.spec.validate(m, n, self.rank)
             except ValueError as exc:
                 raise ValueError(f"{source or 'shape'} {m}x{n}: {exc}") from None
+        # an initializer call sees the dense fp32 W (and an in-place one its pristine copy)
+        check_fits({f"{m}x{n}": 2 * m * n * 4 for m, n, _, _ in shapes}, "cpu" if self.device == "cpu" else "cuda:0",
+                   "the dense fp32 W an initializer call sees, and its copy")
         out = []
         for m, n, role, source in shapes:
             for seed in self.seeds:
@@ -199,9 +204,10 @@ def _row(task: LayerTask, run_id: str, status: str, config: LayerConfig, **field
 
 
 def run_layer_loss(config: LayerConfig, out: Path, *, progress: bool = True,
-                   worker_fn: Callable[[LayerTask], dict[str, Any]] = run_layer_task) -> list[dict[str, Any]]:
+                   worker_fn: Callable[[LayerTask], dict[str, Any]] = run_layer_task,
+                   run_id: str | None = None) -> list[dict[str, Any]]:
     """Run every task of ``config`` not yet in ``out/layer_loss.jsonl``; write the verdict
-    tables; return every row of the file."""
+    tables; return every row of the file (this run's rows carry ``run_id``)."""
     import torch
 
     from .verdict import write_layer_verdict
@@ -216,9 +222,9 @@ def run_layer_loss(config: LayerConfig, out: Path, *, progress: bool = True,
     if len(pending) < len(tasks):
         print(f"layer-loss: {len(tasks) - len(pending)} of {len(tasks)} runs already in {path}, skipped", file=sys.stderr)
     threads = config.threads or min(2, torch.get_num_threads())
-    cache = Path(out) / CACHE_DIR
+    cache = Path(out).resolve() / CACHE_DIR
     launcher = _launcher(config.device, worker_fn)
-    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    run_id = run_id or new_run_id()
     decisions: dict[str, tuple[str, float | None]] = {}  # group → (init method or "skip", predicted s)
     failed_groups: dict[str, str] = {}
     previous_group = None
@@ -228,7 +234,7 @@ def run_layer_loss(config: LayerConfig, out: Path, *, progress: bool = True,
         bar.set_postfix_str(f"{task.initializer} {task.d_out}x{task.d_in} {task.alignment} lr={task.lr:g} seed={task.seed}")
         group = task.group_key
         if previous_group is not None and group != previous_group:
-            (cache / f"{previous_group}.pt").unlink(missing_ok=True)
+            _drop_cache(cache, previous_group)
         previous_group = group
         if group not in decisions:
             decisions[group] = _decide(task, rows, config.init_limit_s)
@@ -258,11 +264,17 @@ def run_layer_loss(config: LayerConfig, out: Path, *, progress: bool = True,
                       f"{row['status']}: {row['reason']}")
     bar.close()
     if previous_group is not None:
-        (cache / f"{previous_group}.pt").unlink(missing_ok=True)
+        _drop_cache(cache, previous_group)
     if cache.is_dir() and not any(cache.iterdir()):
         cache.rmdir()
     write_layer_verdict(rows, Path(out))
     return rows
+
+
+def _drop_cache(cache: Path, group: str) -> None:
+    """Delete a finished group's cache files (one per ``loram_ref`` fingerprint, ``bench.layer.worker.cache_path``)."""
+    for path in cache.glob(f"{group}-*.pt"):
+        path.unlink(missing_ok=True)
 
 
 def _decide(task: LayerTask, rows: list[dict[str, Any]], init_limit_s: float) -> tuple[str, float | None]:

@@ -3,7 +3,7 @@
 Per (shape, alignment) configuration the model-level verdict applies unchanged
 (``bench.loss.verdict.verdict_for``): final normalized error per (initializer, lr) with its
 95 % CI over seeds, each initializer's best lr, the paired difference to ``noise_zeros``
-with Holm-adjusted p, and tied ranks. Across configurations two findings, each with an
+with Holm-adjusted p, and tied places. Across configurations two findings, each with an
 interval, answer the task's two questions:
 
 * **size**: does an initializer's difference to the reference change with the layer?

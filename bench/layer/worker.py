@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 import loram_ref
 from loram_ref import CollectContext, Invariant, LoraInit
 
-from ..environment import worker_environment
+from ..environment import loram_ref_fingerprint, worker_environment
 from ..measure import cpu_peak, gpu_peak
 from ..worker import PHASE, begin_setup, serve
 from .factored import AdapterState, gram_norm_sq, train_layer
@@ -116,13 +117,15 @@ def _delta_norm(init: LoraInit) -> float:
     return init.scaling * math.sqrt(max(0.0, float(gram_norm_sq(p, init.A.double().mT))))
 
 
-def _cache_path(task: LayerTask) -> Path | None:
-    return Path(task.cache_dir) / f"{task.group_key}.pt" if task.cache_dir else None
+def cache_path(task: LayerTask, code: str) -> Path | None:
+    """The group's cache file: its key and the fingerprint ``code`` of the ``loram_ref``
+    that computed it, so factors of other initializer code are never reused."""
+    return Path(task.cache_dir) / f"{task.group_key}-{code}.pt" if task.cache_dir else None
 
 
 def cached_init(task: LayerTask, problem: LayerProblem, target: Target) -> tuple[LoraInit, dict[str, Any]]:
     """The group's factors from the cache (``init_cached`` true), or computed and cached."""
-    path = _cache_path(task)
+    path = cache_path(task, loram_ref_fingerprint())
     if path is not None and path.is_file():
         try:
             saved = torch.load(path, map_location=problem.device, weights_only=True)
@@ -134,11 +137,16 @@ def cached_init(task: LayerTask, problem: LayerProblem, target: Target) -> tuple
     init, facts = compute_init(task, problem, target)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         info = {k: v for k, v in init.info.items() if isinstance(v, (int, float, str, bool))}
-        torch.save({"A": init.A, "B": init.B, "R": init.R, "scaling": init.scaling, "info": json.dumps(info),
-                    "facts": json.dumps(facts)}, tmp)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save({"A": init.A, "B": init.B, "R": init.R, "scaling": init.scaling, "info": json.dumps(info),
+                            "facts": json.dumps(facts)}, fh)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return init, {**facts, "init_cached": False}
 
 

@@ -9,6 +9,8 @@ import copy
 import hashlib
 import importlib.util
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,10 +105,20 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained otherwise
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(folder)  # atomic: a killed conversion leaves no half-written cache
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))  # a name of its own per conversion
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)  # atomic: a killed conversion leaves no half-written cache
+        except OSError:
+            if not (folder / "model.safetensors").is_file():
+                raise
+            shutil.rmtree(tmp)  # another process converted the same file first: keep its copy
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(f"converted in {time.perf_counter() - t0:.1f} s", flush=True)
 
 

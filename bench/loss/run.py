@@ -27,6 +27,7 @@ from tqdm import tqdm
 import loram_ref
 from loram_ref import CollectContext, StatisticsKind
 
+from ..checks import check_threads
 from ..environment import environment
 from ..results import append_rows, check_writable, export_kind, read_rows, repair
 from ..schema import SCHEMA_VERSION
@@ -91,6 +92,7 @@ class LossConfig:
             raise ValueError(f"--scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
         if self.autocast not in AUTOCASTS:
             raise ValueError(f"--autocast must be one of {', '.join(AUTOCASTS)}, got {self.autocast!r}")
+        check_threads(self.threads, device="cpu" if self.device == "cpu" else "cuda")
 
     def stats_samples(self, kind: StatisticsKind) -> int:
         """How many training blocks the statistics pass of ``kind`` reads (``--sb-samples``, ``--da-samples``)."""

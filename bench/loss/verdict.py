@@ -12,9 +12,9 @@ area under the eval curve, the paired difference to the reference at the same lr
 p, Holm-adjusted p over the table), and the cost (trainable parameters, step-0 eval-loss
 change, init and statistics-pass seconds). Per initializer: its best lr (lowest mean
 final eval loss among lrs where no seed diverged), the paired difference to the
-reference at *its* best lr, and a rank in which initializers not told apart share a
-rank (rank = 1 + the number of initializers better by a paired 95 % interval of the
-difference wholly below zero). A best lr is chosen on the same seeds it is scored on, which flatters it (the
+reference at *its* best lr, and a place in which initializers not told apart share a
+place (place = 1 + the number of initializers better by a paired 95 % interval of the
+difference wholly below zero; "place", not "rank", which means the LoRA rank here). A best lr is chosen on the same seeds it is scored on, which flatters it (the
 winner's curse); the README says so.
 """
 
@@ -96,19 +96,19 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def tied_ranks(finals: dict[str, dict[int, float]]) -> dict[str, str]:
-    """Rank initializers by final eval loss, lower is better, from paired intervals.
+def tied_places(finals: dict[str, dict[int, float]]) -> dict[str, str]:
+    """Place initializers by final eval loss, lower is better, from paired intervals.
 
     ``finals`` maps each initializer to its final eval loss per seed (at its best lr). An
-    initializer's rank is 1 + the number of others that are better than it with the paired
-    difference's 95 % interval wholly below zero; where the interval of a difference
-    contains zero the two are not told apart and can share a rank ("=2"). Paired intervals,
-    not each initializer's own: a seed moves every initializer alike, and that shared
-    noise is not a difference between them. With one seed no interval exists: all tie.
+    initializer's place is 1 + the number of others that are better than it with the
+    paired difference's 95 % interval wholly below zero; where the interval of a difference
+    contains zero the two are not told apart and can share a place ("=2"). Paired
+    intervals, not each initializer's own: a seed moves every initializer alike, and that
+    shared noise is not a difference between them. With one seed no interval exists: all tie.
     """
     if not finals:
         return {}
-    ranks = {}
+    places = {}
     for name, values in finals.items():
         better = 0
         for other, other_values in finals.items():
@@ -116,9 +116,9 @@ def tied_ranks(finals: dict[str, dict[int, float]]) -> dict[str, str]:
                 continue
             diff = Paired.of(other_values, values).diff  # other − name
             better += int(not math.isnan(diff.high) and diff.high < 0)
-        ranks[name] = 1 + better
-    counts = pd.Series(ranks).value_counts()
-    return {name: (f"={r}" if counts[r] > 1 else str(r)) for name, r in ranks.items()}
+        places[name] = 1 + better
+    counts = pd.Series(places).value_counts()
+    return {name: (f"={p}" if counts[p] > 1 else str(p)) for name, p in places.items()}
 
 
 @dataclass
@@ -188,16 +188,16 @@ def verdict_for(summary: pd.DataFrame, reference: str = LOSS_REFERENCE, metric: 
             idx = clean["final_eval_mean"].idxmin()
             table.loc[idx, "is_best_lr"] = True
             best_lr[name] = float(table.loc[idx, "lr"])
-    # at the best lrs: paired difference to the reference at its own best lr, and the ranking
+    # at the best lrs: paired difference to the reference at its own best lr, and the places
     for column in ("best_diff_mean", "best_diff_ci_low", "best_diff_ci_high", "best_p_value", "best_p_holm"):
         table[column] = math.nan
-    table["rank"] = ""
+    table["place"] = ""
     ref_best = final.get((reference, best_lr[reference])) if reference in best_lr else None
     best_rows = table[table["is_best_lr"]]
     _paired_to_reference(table, best_rows.index, final, reference, lambda row: ref_best, prefix="best_")
     at_best = {row["initializer"]: final[(row["initializer"], row["lr"])] for _, row in best_rows.iterrows()}
-    for name, rank in tied_ranks(at_best).items():
-        table.loc[(table["initializer"] == name) & table["is_best_lr"], "rank"] = rank
+    for name, place in tied_places(at_best).items():
+        table.loc[(table["initializer"] == name) & table["is_best_lr"], "place"] = place
     verdict = LossVerdict(config_key=keys[0], reference=reference if has_reference else "", table=table)
     verdict.sentences = {name: sentence(table, name, reference, metric) for name in sorted(table["initializer"].unique())}
     verdict.magnitude = magnitude_relation(summary)
@@ -243,7 +243,7 @@ def sentence(table: pd.DataFrame, name: str, reference: str, metric: str = "eval
     init = "init time not measured" if math.isnan(row["init_seconds"]) else f"{row['init_seconds']:.2f} s init"
     cost = init + (f" + {row['stats_seconds']:.1f} s statistics pass" if row["stats_seconds"] > 0 else "")
     seeds = f"{int(row['seeds'])} seed{'s' if row['seeds'] != 1 else ''}"
-    head = f"{name} (rank {row['rank']}): {metric} {row['final_eval_mean']:.3f} at its best lr {lr_text(row['lr'])}"
+    head = f"{name} (place {row['place']}): {metric} {row['final_eval_mean']:.3f} at its best lr {lr_text(row['lr'])}"
     if name == reference:
         return f"{head}, {seeds}; the reference; {cost}."
     if math.isnan(row["best_diff_mean"]):

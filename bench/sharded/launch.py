@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..children import child_env
 from ..launchers import WORKER_ENV
 from ..measure import _status_kib
 from ..results import read_rows
@@ -104,11 +105,9 @@ class ShardedLauncher:
                 "--max-restarts=0", "-m", "bench.sharded.worker", str(plan_path)]
 
     def environment(self, threads: int) -> dict[str, str]:
-        """The ranks' environment: the init workers' allocator and OpenMP settings, ``threads`` per rank."""
-        env = {**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-        root = str(Path(__file__).resolve().parents[2])  # the checkout, importable by every rank
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        return env
+        """The ranks' environment: the init workers' allocator and OpenMP settings, ``threads`` per
+        rank, the working folder off the import path (``bench.children``)."""
+        return child_env({**WORKER_ENV, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
 
     def launch(self, tasks: list[ShardedTask], plan: dict[str, Any], folder: Path, limit_s: float,
                on_poll: Callable[[], None] | None = None) -> LaunchOutcome:

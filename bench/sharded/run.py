@@ -7,13 +7,13 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ..environment import environment
-from ..results import append_row, check_writable, read_rows, repair
+from ..checks import check_fits, check_threads, check_world_size
+from ..results import append_row, check_writable, new_run_id, read_rows, repair
 from ..schema import CRASHED, OK, TIMEOUT
 from .launch import LaunchOutcome, ShardedLauncher
 from .plugins import load_plugins
@@ -75,12 +75,13 @@ class ShardedConfig:
         for m, n in self.shapes:
             if self.rank > min(m, n):
                 raise ValueError(f"--rank {self.rank} exceeds min(d_out, d_in) of shape {m}x{n}")
-        if self.device.startswith("cuda"):
-            import torch
-
-            if any(w > torch.cuda.device_count() for w in self.world_sizes):
-                raise ValueError(f"--world-size {max(self.world_sizes)} on CUDA needs that many GPUs; this node has "
-                                 f"{torch.cuda.device_count()}")
+        check_threads(self.threads, "--threads (per rank)", "cuda" if self.device.startswith("cuda") else "cpu")
+        check_world_size(self.world_sizes, self.device)
+        # the shards of W, and on rank 0 the whole W and its single-process result for the check
+        copies = 3 if self.check else 1
+        check_fits({f"{m}x{n} {self.dtype}": copies * m * n * ITEMSIZE[self.dtype] for m, n in self.shapes},
+                   "cpu" if self.device == "cpu" else "cuda:0",
+                   "the shards" + (", and rank 0's whole W and single-process result of the check" if self.check else ""))
         return [ShardedTask(initializer=name, d_out=m, d_in=n, world_size=w, placement=p, rank=self.rank,
                             scaling=self.scaling, dtype=self.dtype, device=self.device, threads=self.threads_for(w),
                             seed=self.seed, repeats=self.repeats, check=self.check)
@@ -119,8 +120,9 @@ def _bytes(value: float | None) -> str:
 
 
 def run_sharded(config: ShardedConfig, out: Path, *, launcher: ShardedLauncher | None = None,
-                say: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Measure every pending task of ``config`` into ``out/sharded.jsonl``; return all its rows."""
+                say: Callable[[str], None] = print, run_id: str | None = None) -> list[dict[str, Any]]:
+    """Measure every pending task of ``config`` into ``out/sharded.jsonl``; return all its rows
+    (this run's carry ``run_id``)."""
     tasks = config.tasks()
     path = Path(out) / RESULTS_FILE
     check_writable(path)
@@ -130,7 +132,7 @@ def run_sharded(config: ShardedConfig, out: Path, *, launcher: ShardedLauncher |
     if len(pending) < len(tasks):
         say(f"{len(tasks) - len(pending)} of {len(tasks)} sharded rows already in {path}; measuring {len(pending)}")
     launcher = launcher or ShardedLauncher()
-    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    run_id = run_id or new_run_id()
     plan = {"results": str(path.resolve()), "run_id": run_id, "environment": environment()}
     groups: dict[tuple[int, str], list[ShardedTask]] = {}
     for t in pending:
