@@ -6,7 +6,7 @@
    shapes (576x576, 4096x4096): the default loss initializers x every alignment x 3 seeds
    at lr 1e-3, and its findings (``layer_loss_findings.csv``).
 3. Short loss runs on SmolLM2-135M of the default loss initializers x 3 seeds (each seed
-   one batch order shared by all: a paired design), 25 steps of 4 x 64 tokens, and their
+   one batch order shared by all: a paired design), 15 steps of 4 x 64 tokens, and their
    verdict (``loss_stats.csv``).
 4. The run's init rows appended to ``history.jsonl`` (the report's trend) and the shape
    catalog written; the command line then builds the HTML report.

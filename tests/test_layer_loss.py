@@ -4,9 +4,7 @@ the worker, the driver's reliability and the findings."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +19,9 @@ from bench.layer.task import LayerTask
 from bench.layer.verdict import findings, config_verdicts, layer_frame
 from bench.layer.worker import compute_init, run_layer_task
 from loram_ref import CollectContext, Invariant
+
+from .workers import layer_crash_on_seed_one as _crash_on_seed_one
+from .workers import layer_init_fails as _init_fails
 
 SMALL = ProblemSpec(top_directions=8, target_rank=4)
 DECAYING = replace(SMALL, input_spectrum="decaying")
@@ -269,23 +270,6 @@ def test_the_known_svd_path_needs_no_weight_and_matches_the_computed_init():
     assert known["loss"] == pytest.approx(computed["loss"], abs=1e-4)
     with pytest.raises(ValueError, match="cannot be taken from a known SVD"):
         run_layer_task(replace(_task("loram_dst"), init_method="known-svd"))
-
-
-def _crash_on_seed_one(task: LayerTask) -> dict:
-    if task.seed == 1 and task.lr == 1e-2 and task.initializer == "loram_dst":
-        os._exit(3)  # a crash during training: the worker dies without a message
-    return run_layer_task(task)
-
-
-def _init_fails(task: LayerTask) -> dict:
-    from bench.worker import PHASE
-
-    PHASE["now"] = "initializer"
-    with open(Path(task.cache_dir).parent / "launches.log", "a") as fh:
-        fh.write(f"{task.initializer} {task.seed} {task.lr}\n")
-    if task.initializer == "loram_dst":
-        raise RuntimeError("boom in the initializer")
-    return run_layer_task(task)
 
 
 def _small_config(**kw) -> LayerConfig:

@@ -20,35 +20,18 @@ import subprocess
 import sys
 import textwrap
 
-#: Float counts of the tensors the worker allocates: heap chunks (64 B to 64 KiB) and
-#: mappings (256 KiB to 64 MiB).
-SIZES = [16, 64, 256, 1024, 8192, 1 << 14, 1 << 16, 1 << 20, 1 << 24]
-
-
-def _addresses(task) -> dict:
-    """Worker body: the setup every real worker makes, then tensors of every size, in this
-    thread and (one more of each size) inside an OpenMP parallel region's thread pool."""
-    import torch
-
-    from bench.worker import begin_setup
-
-    begin_setup(2, "cpu")
-    main = [torch.empty(n) for n in SIZES]
-    torch.ones(1 << 20).sum()  # starts the OpenMP pool: its threads could allocate arenas of their own
-    after_pool = [torch.empty(n) for n in SIZES]
-    return {"main": [t.data_ptr() for t in main], "after_pool": [t.data_ptr() for t in after_pool]}
-
+from .workers import SIZES, addresses
 
 def test_forked_workers_allocate_every_size_at_addresses_of_their_own():
     from bench.launchers import ForkServerLauncher
     from bench.tasks import Task
 
-    launcher = ForkServerLauncher(_addresses, decode=dict)
+    launcher = ForkServerLauncher(addresses, decode=dict)
     seen = [launcher.launch(Task("noise_zeros", 8, 8, 1), 60).run for _ in range(4)]
     for part in ("main", "after_pool"):
         for i, n in enumerate(SIZES):
-            addresses = [s[part][i] for s in seen]
-            assert len(set(addresses)) == 4, f"{part}: a tensor of {4 * n} bytes landed at {addresses}"
+            where = [s[part][i] for s in seen]
+            assert len(set(where)) == 4, f"{part}: a tensor of {4 * n} bytes landed at {where}"
 
 
 #: A parent that leaves free chunks of every heap size class and holes between its mappings

@@ -17,19 +17,15 @@ from bench.launchers import ForkServerLauncher
 from bench.results import ResultsFileError, append_row, read_rows, rejected_path
 from bench.runner import Runner
 from bench.tasks import Task
-from bench.worker import PHASE, _invariant_error
+from bench.worker import _invariant_error
+
+from .workers import counting as _logged
+from .workers import ok as _ok
+from .workers import oom_in_initializer as _oom_in_initializer
+from .workers import sleepy as _sleepy
+from .workers import slow as _slow_prediction
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _ok(task: Task) -> dict:
-    return {"task_key": task.key, "first_s": 0.01, "values_s": [0.01 * task.d_out / 16]}
-
-
-def _logged(task: Task) -> dict:
-    with open(task.options["log"], "a") as fh:
-        fh.write(f"{task.d_out}\n")
-    return _ok(task)
 
 
 def _tasks(log: Path) -> list[Task]:
@@ -99,10 +95,6 @@ def test_a_read_only_results_file_fails_before_measuring(tmp_path):
     assert not log.exists()
 
 
-def _slow_prediction(task: Task) -> dict:
-    return {"task_key": task.key, "first_s": 1.0, "values_s": [1.0 * (task.d_out / 16) ** 2]}
-
-
 def test_skipped_cells_are_retried_when_the_limit_grows(tmp_path):
     path = tmp_path / "init.jsonl"
     tasks = [Task("loram_dst", d, d, 4, warmups=0, min_values=1) for d in (16, 32, 1024)]
@@ -112,11 +104,6 @@ def test_skipped_cells_are_retried_when_the_limit_grows(tmp_path):
     assert again == []  # the same limit: nothing to do
     rows = Runner(path, limit_s=1e7, worker_fn=_slow_prediction, progress=False).run(tasks)
     assert results.to_frame(rows).set_index("d_out").loc[1024, "status"] == "ok"
-
-
-def _sleepy(task: Task) -> dict:
-    time.sleep(task.options["sleep"])
-    return _ok(task)
 
 
 def test_a_timeout_names_the_real_limit_and_a_result_is_never_called_a_crash(tmp_path):
@@ -138,21 +125,15 @@ sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
 from bench.runner import Runner
 from bench.tasks import Task
-from tests.test_reliability import _hang_and_tell
+from tests.workers import hang_and_tell
 if __name__ == "__main__":
     pid_file = {str(tmp_path / 'worker.pid')!r}
     hang = [sys.executable, "-c", f"import os, time; open({{pid_file!r}}, 'w').write(str(os.getpid())); time.sleep(300)"]
-    Runner(Path({str(tmp_path / 'init.jsonl')!r}), limit_s=300, worker_fn=_hang_and_tell, worker_cmd=hang,
+    Runner(Path({str(tmp_path / 'init.jsonl')!r}), limit_s=300, worker_fn=hang_and_tell, worker_cmd=hang,
            progress=False, launcher=sys.argv[1]).run(
         [Task("noise_zeros", 16, 16, 4, options={{"pid_file": {str(tmp_path / 'worker.pid')!r}}})])
 """)
     return script
-
-
-def _hang_and_tell(task: Task) -> dict:
-    Path(task.options["pid_file"]).write_text(str(os.getpid()))
-    time.sleep(300)
-    return _ok(task)
 
 
 def _alive(pid: int) -> bool:
@@ -217,14 +198,6 @@ def test_ctrl_c_stops_cleanly_with_one_line_and_a_resumable_folder(tmp_path):
     lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("note:")]
     assert lines[-1].startswith("interrupted; what finished is in") and "Traceback" not in stderr
     assert all(r["status"] == "ok" for r in read_rows(out / "init.jsonl"))
-
-
-def _oom_in_initializer(task: Task) -> dict:
-    import torch
-
-    PHASE["now"] = "initializer"
-    torch.empty(task.options["bytes"], dtype=torch.uint8).fill_(1)
-    return _ok(task)
 
 
 def test_memory_limit_records_out_of_memory_with_its_phase(tmp_path):

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 import sys
-import time
 
 import pytest
 
@@ -15,37 +12,14 @@ from bench.launchers import ForkServerLauncher, SpawnLauncher
 from bench.runner import Runner, run_interleaved
 from bench.tasks import Task
 
-
-def _ok(task: Task) -> dict:
-    return {"status": "ok", "first_s": 0.01, "median_s": 0.01 * task.d_out / 64, "values_s": [0.01]}
-
-
-def _crash(task: Task) -> dict:
-    if task.d_out == 32:
-        os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
-    return _ok(task)
-
-
-def _hang(task: Task) -> dict:
-    if task.d_out == 32:
-        time.sleep(60)
-    return _ok(task)
-
-
-def _raise(task: Task) -> dict:
-    if task.d_out == 32:
-        raise RuntimeError("CUDA out of memory (simulated)")
-    return _ok(task)
-
-
-def _counting(task: Task) -> dict:  # runs in the worker process: reports through a file
-    with open(task.options["log"], "a") as fh:
-        fh.write(f"{task.d_out}\n")
-    return _ok(task)
-
-
-def _slow(task: Task) -> dict:
-    return {"status": "ok", "first_s": 1.0, "median_s": 1.0 * (task.d_out / 16) ** 2, "values_s": [1.0]}
+from .workers import counting as _counting
+from .workers import crash_at_32 as _crash
+from .workers import hang_at_32 as _hang
+from .workers import log_a as _log_a
+from .workers import log_b as _log_b
+from .workers import ok as _ok
+from .workers import raise_at_32 as _raise
+from .workers import slow as _slow
 
 
 def _tasks():
@@ -117,18 +91,6 @@ def test_spawned_worker_crash(tmp_path):
     cmd = [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"]
     (row,) = Runner(tmp_path / "r.jsonl", progress=False, launcher="spawn", worker_cmd=cmd).run([_tasks()[0]])
     assert row["status"] == "crashed" and "exit code 3" in row["reason"] and "boom" in row["reason"]
-
-
-def _log_a(task: Task) -> dict:
-    with open(task.options["log"], "a") as fh:
-        fh.write(f"A{task.d_out}\n")
-    return _ok(task)
-
-
-def _log_b(task: Task) -> dict:
-    with open(task.options["log"], "a") as fh:
-        fh.write(f"B{task.d_out}\n")
-    return _ok(task)
 
 
 def test_interleaved_runs_alternate_order_and_fill_both_files(tmp_path):

@@ -17,6 +17,8 @@ from bench.runner import Runner
 from bench.schema import SCHEMA_VERSION, Measurement, ProcessRun, SchemaError, merge_runs, normalize_row, upgrade_row
 from bench.tasks import Task
 
+from .workers import fake_run as _fake_worker
+
 V1 = Path(__file__).parent / "fixtures" / "results_v1"
 
 
@@ -83,10 +85,6 @@ def test_rows_written_carry_the_schema_version(tmp_path):
 def test_a_newer_schema_is_refused_with_advice():
     with pytest.raises(SchemaError, match="newer than this loram-bench reads.*upgrade"):
         upgrade_row({"schema_version": SCHEMA_VERSION + 1, "kind": "init"})
-
-
-def _fake_worker(task: Task) -> dict:
-    return ProcessRun(task_key=task.key, first_s=0.5, values_s=[0.1, 0.2], peak_cpu_extra_bytes=100).as_dict()
 
 
 def _run(values, first, peak, env=None, key="") -> ProcessRun:
