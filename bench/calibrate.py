@@ -95,13 +95,13 @@ def measure(device: str, dtype: str, threads: int, elements: int = BUFFER_ELEMEN
 
 
 def calibrate(device: str, dtype: str, threads: int, timeout_s: float = 300.0) -> Calibration:
-    """:func:`measure` in a fresh process with the workers' environment."""
+    """:func:`measure` in a fresh process with the workers' environment (it dies with this one)."""
     from .children import child_env
-    from .launchers import WORKER_ENV
+    from .launchers import WORKER_ENV, die_with_parent
 
     proc = subprocess.run([sys.executable, "-m", "bench.calibrate", "--device", device, "--dtype", dtype,
                            "--threads", str(threads)], capture_output=True, text=True, timeout=timeout_s,
-                          env=child_env(WORKER_ENV))
+                          env=child_env(WORKER_ENV), preexec_fn=die_with_parent)
     if proc.returncode != 0:
         raise RuntimeError(f"calibration failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
     return Calibration(**json.loads(proc.stdout.strip().splitlines()[-1]))

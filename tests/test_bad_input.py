@@ -139,8 +139,9 @@ def test_a_layer_task_of_the_reference_alone_still_reports(planted_runs, tmp_pat
 def test_a_writer_sets_a_tampered_row_aside_and_measures_its_cell_again(planted_runs, tmp_path, capsys):
     folder = Path(_tampered(planted_runs, tmp_path, "init.jsonl", _set("runs", "oops")))
     before = (folder / "init.jsonl").read_text().splitlines()
+    threads = str(json.loads(before[0])["threads"])  # the same cells as the planted run's (threads is identity)
     assert _exit(["run", "--shape", "32x32", "--initializers", "noise_zeros", "loram_dst", "--values", "1",
-                  "--processes", "1", "--no-floor", "--out", str(folder), "--no-progress"]) == 0
+                  "--processes", "1", "--threads", threads, "--no-floor", "--out", str(folder), "--no-progress"]) == 0
     rejected = [json.loads(line) for line in (folder / "init.rejected.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rejected] == [len(before)] and "field 'runs' must be a list" in rejected[0]["why"]
     assert f"init.jsonl:{len(before)}: field 'runs'" in capsys.readouterr().err
@@ -149,7 +150,8 @@ def test_a_writer_sets_a_tampered_row_aside_and_measures_its_cell_again(planted_
 
 
 def test_every_measurement_failing_exits_1_with_a_summary(tmp_path, capsys):
-    code = _exit(["run", "--shape", "256x256", "--initializers", "pissa", "noise_zeros", "--memory-limit", "2MiB",
+    # a 16 MiB weight under a 4 MiB cap: every worker fails allocating it
+    code = _exit(["run", "--shape", "2048x2048", "--initializers", "pissa", "noise_zeros", "--memory-limit", "4MiB",
                   "--no-floor", "--values", "1", "--processes", "1", "--out", str(tmp_path / "o"), "--no-progress"])
     captured = capsys.readouterr()
     assert code == 1

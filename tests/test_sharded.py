@@ -219,7 +219,17 @@ def test_report_has_the_sharded_panel(harness_rows, tmp_path):
     assert "Per-rank peak memory" in page and "Bytes each rank sends" in page
 
 
-def test_each_failure_costs_its_own_row(tmp_path, monkeypatch):
+@pytest.fixture()
+def registry_kept():
+    """The sharded registry as it was after the test: a plugin's initializers leave with it
+    (tests that take every registered initializer would run them otherwise)."""
+    saved = dict(SHARDED)
+    yield
+    SHARDED.clear()
+    SHARDED.update(saved)
+
+
+def test_each_failure_costs_its_own_row(tmp_path, monkeypatch, registry_kept):
     """A raise, a hang and a SIGKILL on rank 1: one row each, with its reason; the run goes on."""
     import time
 
