@@ -1,8 +1,10 @@
 """Reference implementations of LoRA initializers, each a pure function on one frozen weight.
 
 Every initializer has the signature ``fn(weight, rank, scaling=1.0, *, ...) -> LoraInit``
-and is registered by name in :data:`INITIALIZERS`. Formulas follow
-``shared/spec/initializers.md`` (cited as "spec §N" in the docstrings).
+and is registered by name in :data:`INITIALIZERS` (``@register`` in its own module). Every
+module of this package is imported here, found on disk, so a new initializer's module
+registers by existing. Formulas, invariants and the official codes' behaviour are in
+``docs/initializers.md``, cited as "§N" in the docstrings.
 
 >>> import torch, loram_ref
 >>> W = torch.randn(64, 32)
@@ -13,14 +15,17 @@ True
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import torch
 
-from . import lora_da, lora_sb, loram, noise, pissa  # noqa: F401  (registration side effect)
 from .bases import dst_basis, random_orthogonal_basis
 from .linalg import principal_angles, randomized_svd
-from .collect import CollectContext
+from .statistics import CollectContext, LoraDAStats, LoraSBStats
 from .registry import (
     FULL_SVD,
+    HARNESS_ROLES,
     INITIALIZERS,
     INPUT_SPACE,
     PASSES,
@@ -33,10 +38,16 @@ from .registry import (
     get_initializer,
 )
 from .result import LoraInit
-from .stats import LoraDAStats, LoraSBStats
+
+#: The modules imported for their registrations: every module of this package (the
+#: subpackages, ``sharded`` and ``statistics``, hold no single-process initializer).
+MODULES = tuple(info.name for info in pkgutil.iter_modules(__path__) if not info.ispkg)
+for _module in MODULES:
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = [
     "FULL_SVD",
+    "HARNESS_ROLES",
     "INITIALIZERS",
     "INPUT_SPACE",
     "PASSES",

@@ -1,4 +1,4 @@
-"""Orthonormal r-column bases used by LoRAM (spec §5)."""
+"""Orthonormal r-column bases used by LoRAM (docs/initializers.md §5)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def dst_basis(dim: int, rank: int, *, dtype: torch.dtype = torch.float32, device
 
 @functools.lru_cache(maxsize=64)
 def _dst_basis(dim: int, rank: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """First ``rank`` columns of the orthonormal DST-I matrix of size ``dim`` (spec §5).
+    """First ``rank`` columns of the orthonormal DST-I matrix of size ``dim`` (docs/initializers.md §5).
 
     ``S_d[i, j] = √(2/(d+1)) · sin(π(i+1)(j+1)/(d+1))`` for ``0 <= i < d``, ``0 <= j < r``:
     the ``r`` lowest-frequency sines, exactly orthonormal columns. Closed form, no

@@ -1,4 +1,5 @@
-"""Linear-algebra primitives the initializers share: randomized SVD and subspace angles."""
+"""Linear-algebra primitives the initializers and the benchmarks share: randomized SVD,
+subspace angles, and the Frobenius norm of a factored product."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def randomized_svd(
     """Rank-``q`` randomized SVD ``a ≈ U·diag(S)·Vᵀ`` (Halko, Martinsson & Tropp 2011).
 
     Algorithm 4.4 (randomized subspace iteration) followed by Algorithm 5.1 (direct SVD
-    of the projection), i.e. what ``torch.svd_lowrank(a, q, niter)`` computes (spec §2),
+    of the projection), i.e. what ``torch.svd_lowrank(a, q, niter)`` computes (docs/initializers.md §2),
     with one difference: the Gaussian test matrix comes from ``generator`` instead of
     the global RNG. The work is done on ``aᵀ`` when ``a`` is wide (m < n), and the test
     matrix is drawn with the same shape and order as ``torch.svd_lowrank`` does, so a
@@ -57,3 +58,15 @@ def principal_angles(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     from_cos = torch.arccos(torch.linalg.svdvals(proj).clamp(-1.0, 1.0))
     from_sin = torch.arcsin(torch.linalg.svdvals(v - u @ proj).clamp(-1.0, 1.0)).flip(0)
     return torch.where(from_cos < torch.pi / 4, from_sin, from_cos)
+
+
+def gram_norm_sq(left: torch.Tensor, right: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``‖left·rightᵀ·diag(weights)^½‖_F²`` without forming the m x n product.
+
+    For ``left`` m x c and ``right`` n x c, ``‖left·rightᵀ‖_F² = Σ (leftᵀ·left) ∘ (rightᵀ·right)``
+    (the trace of a product of the two c x c Gram matrices): O((m+n)·c²) work and memory.
+    ``weights`` (n values) weight the columns of the product. A LoRA update ``s·B·A`` is
+    ``gram_norm_sq(B, A.mT) · s²``.
+    """
+    weighted = right if weights is None else right * weights[:, None]
+    return ((left.mT @ left) * (weighted.mT @ right)).sum()

@@ -1,17 +1,19 @@
-"""LoRA-DA: data-aware initialization by asymptotic analysis (spec §4; Zhang et al., arXiv 2510.24561)."""
+"""LoRA-DA: data-aware initialization by asymptotic analysis (docs/initializers.md §4; Zhang et al., arXiv 2510.24561)."""
 
 from __future__ import annotations
 
 import math
 
+from typing import Any
+
 import torch
 
-from .fidelity import lora_da_fidelity
+from .fidelity import angle_deg, orthonormal_rows
 from .linalg import randomized_svd
 from .registry import INPUT_SPACE, Invariant, PublishedScaling, Statistics, register
 from .result import LoraInit
 from .work import input_space
-from .stats import LoraDAStats
+from .statistics.types import LoraDAStats
 from .validation import check_inputs, check_positive_int, resolve_generator
 
 
@@ -25,7 +27,7 @@ def smallest_eigenvectors(
     """``r`` eigenvectors of the ``r`` smallest (algebraic) eigenvalues of symmetric ``omega``.
 
     ``solver="lobpcg"`` is the code's ``torch.lobpcg(largest=False, niter)`` from a seeded
-    Gaussian start orthonormalized by QR (spec §4 step 6); LOBPCG needs ``n >= 3r``, so
+    Gaussian start orthonormalized by QR (docs/initializers.md §4 step 6); LOBPCG needs ``n >= 3r``, so
     where it cannot run this falls back to the exact ``torch.linalg.eigh`` (resolution c)
     and says so in the returned info. ``solver="eigh"`` asks for the exact one.
     Each column's sign is fixed so that its largest-magnitude entry is positive.
@@ -80,7 +82,7 @@ MAX_RELATIVE_DAMPING = 1e-2
 def _damped_cholesky(z: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
     """Cholesky factor of ``z + λI``, raising λ tenfold until fp32 factorization succeeds.
 
-    Decision (spec §4 leaves it open): the code's λ = 1e-6 assumes many more tokens than
+    Decision (docs/initializers.md §4 leaves it open): the code's λ = 1e-6 assumes many more tokens than
     input features (256 samples of up to 1024 tokens). With fewer tokens, ``Z`` is rank
     deficient and fp32 Cholesky of ``Z + 1e-6·I`` can fail; escalating λ, as CorDA does
     for its covariance, keeps the method defined, and the λ used is recorded.
@@ -107,14 +109,29 @@ def _damped_cholesky(z: torch.Tensor, damping: float) -> tuple[torch.Tensor, flo
     )
 
 
+#: Largest n for which LoRA-DA's exact eigendecomposition of Ω (n x n) is affordable (its fidelity diagnostic).
+EIGH_MAX_N = 4096
+
+
+def lora_da_fidelity(weight: torch.Tensor, rank: int, init: LoraInit, kwargs: dict[str, Any]) -> dict[str, float]:
+    """Largest angle (°) between LOBPCG's subspace and the exact one (n <= :data:`EIGH_MAX_N`)."""
+    out = {"eig_residual": float(init.info.get("eig_residual", math.nan))}
+    if weight.shape[1] > EIGH_MAX_N or init.info.get("eigensolver") == "eigh":
+        return out
+    exact = lora_da(weight, rank, init.scaling, **{**kwargs, "solver": "eigh"})
+    out["angle_deg_to_eigh"] = angle_deg(orthonormal_rows(init.A), orthonormal_rows(exact.A))
+    return out
+
+
 @register(
     "lora_da",
+    harness=("generator", "module", "check_input"),
     work=input_space,
     fidelity=lora_da_fidelity,
     invariant=Invariant.SHIFTED,
     statistics=Statistics.LORA_DA,
     cost=INPUT_SPACE,
-    published=PublishedScaling(alpha=16.0, rslora=True, source="official default config: rsLoRA, α = 16 (s = 16/√r; spec §4)"),
+    published=PublishedScaling(alpha=16.0, rslora=True, source="official default config: rsLoRA, α = 16 (s = 16/√r; docs/initializers.md §4)"),
     paper="Zhang et al. 2025, LoRA-DA (arXiv 2510.24561, ICML 2026); zqy0126/LoRA-DA",
     summary="A = Qᵀ/√γ, B = Δ̂·Q/√γ with Q the smallest-r eigvecs of Ω = -Δ̂ᵀΔ̂ + β·Σd/(Nσ₁²)·Z⁻¹; W unchanged",
 )
@@ -138,7 +155,7 @@ def lora_da(
     module: str = "",
     check_input: bool = True,
 ) -> LoraInit:
-    """LoRA-DA as the official code implements it (spec §4 "Algorithm as implemented").
+    """LoRA-DA as the official code implements it (docs/initializers.md §4 "Algorithm as implemented").
 
     In PyTorch orientation (W is m x n):
 
@@ -161,7 +178,7 @@ def lora_da(
 
     Args:
         stats: mean gradient, input and output factors and N, see
-            :class:`loram_ref.stats.LoraDAStats`.
+            :class:`loram_ref.statistics.LoraDAStats`.
         solver: ``"lobpcg"`` (faithful; falls back to ``"eigh"`` when n < 3r) or ``"eigh"``,
             the converged mode: the exact smallest-r eigenvectors. At the code's 10
             iterations LOBPCG does not converge on realistic statistics (17-84° from the
@@ -199,7 +216,7 @@ def lora_da(
 
     chol, damping_used = _damped_cholesky(_sym(stats.input_factor.to(**f32)), damping)  # Z_λ = sym(Z) + λI
     d = stats.output_factor.to(**f32).add(damping).reciprocal_()  # d = 1/(y² + λ)
-    # Δᵀ = -Z_λ⁻¹·Gᵀ·diag(d)  (n x m): spec §4 step 3, transposed as the code forms it
+    # Δᵀ = -Z_λ⁻¹·Gᵀ·diag(d)  (n x m): docs/initializers.md §4 step 3, transposed as the code forms it
     delta_t = torch.cholesky_solve(stats.grad.to(**f32).mT, chol).mul_(d[None, :]).neg_()
     if normalize_delta:
         sigma1 = float(randomized_svd(delta_t, 1, delta_svd_niter, gen)[1][0])

@@ -1,18 +1,19 @@
-"""LoRA-SB: optimal initialization of the LoRA-XS middle matrix (spec §3; Ponkshe, Singhal et al., arXiv 2411.19557)."""
+"""LoRA-SB: optimal initialization of the LoRA-XS middle matrix (docs/initializers.md §3; Ponkshe, Singhal et al., arXiv 2411.19557)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
 
+from typing import Any
+
 import torch
 
-from .fidelity import lora_sb_fidelity
 from .linalg import randomized_svd
 from .registry import Invariant, PublishedScaling, Statistics, register
 from .result import LoraInit
 from .work import sign_update_rsvd
-from .stats import LoraSBStats
+from .statistics.types import LoraSBStats
 from .validation import check_inputs, check_positive_int, resolve_generator
 
 
@@ -32,14 +33,27 @@ def _rescaled(init: LoraInit, factor: float) -> LoraInit:
     return replace(init, R=(init.R.float() * factor).to(init.R.dtype), info=info)
 
 
+def lora_sb_fidelity(weight: torch.Tensor, rank: int, init: LoraInit, kwargs: dict[str, Any]) -> dict[str, float]:
+    """Captured energy of the factors against the Eckart–Young optimum of the update."""
+    update = kwargs["stats"].update.double()
+    total = float(update.square().sum())
+    if total == 0.0:
+        return {}
+    b, a = init.B.double(), init.A.double()
+    captured = float((b.mT @ update @ a.mT).square().sum()) / total
+    optimum = float(torch.linalg.svdvals(update)[:rank].square().sum()) / total
+    return {"captured_energy": captured, "optimal_energy": optimum, "energy_ratio": captured / optimum if optimum else 1.0}
+
+
 @register(
     "lora_sb",
+    harness=("generator", "check_input"),
     rescale=_rescaled,
     work=sign_update_rsvd,
     fidelity=lora_sb_fidelity,
     invariant=Invariant.SHIFTED,
     statistics=Statistics.LORA_SB,
-    published=PublishedScaling(source="the official repo forces lora_alpha = r (s = 1; spec §3)"),
+    published=PublishedScaling(source="the official repo forces lora_alpha = r (s = 1; docs/initializers.md §3)"),
     paper="Ponkshe, Singhal et al. 2024, LoRA-SB (arXiv 2411.19557); CERT-Lab/lora-sb",
     summary="B, A = top-r singular vectors of -η·sign(Σ∇W), trainable R = Σ_r/s; W unchanged",
 )
@@ -56,18 +70,18 @@ def lora_sb(
     official_draw: bool = True,
     check_input: bool = True,
 ) -> LoraInit:
-    """LoRA-SB (spec §3 "Initialization"): ``W_eff = W + s·B·R·A`` with A, B frozen.
+    """LoRA-SB (docs/initializers.md §3 "Initialization"): ``W_eff = W + s·B·R·A`` with A, B frozen.
 
-    1. ``P, σ, Q = rsvd(ΔWᵀ, q=r, niter=10)`` so ``ΔW ≈ Q·diag(σ)·Pᵀ`` (spec §3 step 3).
+    1. ``P, σ, Q = rsvd(ΔWᵀ, q=r, niter=10)`` so ``ΔW ≈ Q·diag(σ)·Pᵀ`` (docs/initializers.md §3 step 3).
     2. ``B = Q`` (m x r, left singular vectors of ΔW), ``A = Pᵀ`` (r x n),
-       ``R = diag(σ)/s`` (spec §3 steps 5-6), so ``s·B·R·A = [ΔW]_r``, the best rank-r
+       ``R = diag(σ)/s`` (docs/initializers.md §3 steps 5-6), so ``s·B·R·A = [ΔW]_r``, the best rank-r
        approximation of the update (Eckart-Young), up to the randomized SVD's accuracy.
-    3. ``W`` is not modified (spec §3 step 8, resolution c): invariant (S).
+    3. ``W`` is not modified (docs/initializers.md §3 step 8, resolution c): invariant (S).
 
     What it reproduces: the official ``get_svd_grad`` (CERT-Lab/lora-sb,
     ``utils/svd_utils.py``) seeds the global RNG with 42, draws one throw-away Gaussian
     ``d_out x r`` matrix it never uses, and only then calls ``torch.svd_lowrank(ΔWᵀ, q=r,
-    niter=10)``, whose test matrix is therefore the *second* draw after seeding (spec §3
+    niter=10)``, whose test matrix is therefore the *second* draw after seeding (docs/initializers.md §3
     step 2, corrected). With ``official_draw=True`` (default) we make the same throw-away
     draw from a local generator seeded with 42, on W's device, so A, B and R equal the
     official ones for the same update (bit for bit on CPU in our tests). This matters: on
@@ -86,7 +100,7 @@ def lora_sb(
           which is the model's).
 
     Args:
-        stats: the update approximation, see :class:`loram_ref.stats.LoraSBStats`.
+        stats: the update approximation, see :class:`loram_ref.statistics.LoraSBStats`.
         niter: subspace iterations of the randomized SVD (code: 10).
     """
     scaling = check_inputs(weight, rank, scaling, check_input=check_input)

@@ -1,4 +1,4 @@
-"""LoRAM: magnitude-driven initialization on a fixed basis (spec §5; Zhang et al., arXiv 2507.06558, NeurIPS 2025)."""
+"""LoRAM: magnitude-driven initialization on a fixed basis (docs/initializers.md §5; Zhang et al., arXiv 2507.06558, NeurIPS 2025)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ _PAPER = "Zhang et al. 2025, The Primacy of Magnitude in Low-Rank Adaptation (Lo
 
 
 def loram_gain(weight_sq_norm: float, shape: tuple[int, int], rank: int) -> tuple[float, float]:
-    """LoRAM's gain ``Q[r]`` and amplitude ``β`` (paper Eq. 11-12; spec §5 "Gain").
+    """LoRAM's gain ``Q[r]`` and amplitude ``β`` (paper Eq. 11-12; docs/initializers.md §5 "Gain").
 
     ``Q = ln r / ln min(d_out, d_in)``. With orthonormal bases ``ν[Φ_out Φ_inᵀ] = r/(m·n)``
     exactly, so ``β = (Q·ν[W]/ν[ΦΦᵀ])^{1/4}`` reduces to ``β = (Q·‖W‖_F²/r)^{1/4}`` and
@@ -84,7 +84,7 @@ def _loram(
     basis: Callable[[int], torch.Tensor],
     info: dict,
 ) -> LoraInit:
-    # r = 1 gives Q = 0, β = 0: a dead adapter (spec §5); NaN/Inf are caught by the norm pass
+    # r = 1 gives Q = 0, β = 0: a dead adapter (docs/initializers.md §5); NaN/Inf are caught by the norm pass
     scaling = check_inputs(weight, rank, scaling, check_input=False, min_rank=2)
     m, n = weight.shape
     # pass 1 over W (also the NaN/Inf check), in blocks no larger than the factors
@@ -106,14 +106,15 @@ def _loram(
 
 @register(
     "loram_dst",
+    harness=("inplace",),
     work=one_pass_residual,
     invariant=Invariant.FUNCTION_PRESERVING,
-    published=PublishedScaling(source="the paper fixes s = 1 (spec §5)"),
+    published=PublishedScaling(source="the paper fixes s = 1 (docs/initializers.md §5)"),
     paper=_PAPER,
     summary="A = β·Φ_inᵀ, B = β·Φ_out on the first r DST-I columns, β = (Q‖W‖²/r)^¼; W_res = W - s·B·A",
 )
 def loram_dst(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, inplace: bool = False) -> LoraInit:
-    """LoRAM with the deterministic DST-I basis (paper Algorithm 1; spec §5 "Pseudocode").
+    """LoRAM with the deterministic DST-I basis (paper Algorithm 1; docs/initializers.md §5 "Pseudocode").
 
     ``Φ_d`` = first r columns of the orthonormal DST-I of size d, ``Q = ln r/ln min(m, n)``,
     ``β = (Q·‖W‖_F²/r)^{1/4}``, ``A = β·Φ_inᵀ``, ``B = β·Φ_out``, ``W_res = W - s·B·A``.
@@ -121,8 +122,8 @@ def loram_dst(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, inplace:
 
     Decisions:
         * ``s`` is not divided into the factors: the paper fixes s = 1 and treats s as a
-          separate magnitude knob (Prop. 1; spec §5 step 4). The residual uses the given s.
-        * ``ν`` is the paper's mean square, not ``torch.var`` (spec §5 "Dtype").
+          separate magnitude knob (Prop. 1; docs/initializers.md §5 step 4). The residual uses the given s.
+        * ``ν`` is the paper's mean square, not ``torch.var`` (docs/initializers.md §5 "Dtype").
         * ``rank >= 2`` is required: r = 1 makes Q = 0 and both factors zero.
         * Memory: ``‖W‖_F`` is accumulated over row blocks of ``max(r·(m+n), 2²⁰)``
           entries (a bf16 ``W`` is up-cast one block at a time, never whole) and the
@@ -143,9 +144,10 @@ def loram_dst(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, inplace:
 
 @register(
     "loram_rorth",
+    harness=("generator", "inplace"),
     work=one_pass_residual,
     invariant=Invariant.FUNCTION_PRESERVING,
-    published=PublishedScaling(source="the paper fixes s = 1 (spec §5)"),
+    published=PublishedScaling(source="the paper fixes s = 1 (docs/initializers.md §5)"),
     paper=_PAPER + ", §4.3 basis ablation",
     summary="LoRAM with Haar random-orthogonal bases instead of DST (same β)",
 )
@@ -158,7 +160,7 @@ def loram_rorth(
     seed: int = 0,
     inplace: bool = False,
 ) -> LoraInit:
-    """LoRAM's random-orthogonal basis ablation (paper §4.3; spec §5 "Variants").
+    """LoRAM's random-orthogonal basis ablation (paper §4.3; docs/initializers.md §5 "Variants").
 
     Φ_in and Φ_out are Haar-random orthonormal ``d x r`` matrices (QR of a Gaussian with
     the sign fix; input side drawn first, then output side). Because ``ν[ΦΦᵀ] = r/(mn)``

@@ -1,4 +1,4 @@
-"""Noise-zeros initializers: standard LoRA as PEFT does it (spec §1; Hu et al. 2021, §4.1)."""
+"""Noise-zeros initializers: standard LoRA as PEFT does it (docs/initializers.md §1; Hu et al. 2021, §4.1)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def _noise_zeros(
 
 @register(
     "noise_zeros",
+    harness=("generator", "check_input"),
     work=factors_only,
     invariant=Invariant.ZERO_PRODUCT,
     reads_weight=False,
@@ -51,7 +52,7 @@ def noise_zeros(
     seed: int = 0,
     check_input: bool = False,
 ) -> LoraInit:
-    """PEFT's default LoRA init (``init_lora_weights=True``), spec §1.
+    """PEFT's default LoRA init (``init_lora_weights=True``), docs/initializers.md §1.
 
     ``A_ij ~ U(-b, b)`` with ``b = gain·√3/√d_in`` and ``gain = √(2/(1+5))`` (Kaiming
     uniform, negative slope √5), which is ``b = 1/√d_in``; ``B = 0``. Invariant (Z):
@@ -75,6 +76,7 @@ def noise_zeros(
 
 @register(
     "gaussian",
+    harness=("generator", "check_input"),
     work=factors_only,
     invariant=Invariant.ZERO_PRODUCT,
     reads_weight=False,
@@ -91,9 +93,9 @@ def gaussian(
     seed: int = 0,
     check_input: bool = False,
 ) -> LoraInit:
-    """PEFT's ``init_lora_weights="gaussian"``, spec §1: ``A_ij ~ N(0, σ²)``, ``B = 0``.
+    """PEFT's ``init_lora_weights="gaussian"``, docs/initializers.md §1: ``A_ij ~ N(0, σ²)``, ``B = 0``.
 
-    Decision (spec §1 ambiguity): ``σ = 1/r`` exactly as PEFT, i.e. variance ``1/r²``,
+    Decision (docs/initializers.md §1 ambiguity): ``σ = 1/r`` exactly as PEFT, i.e. variance ``1/r²``,
     not the ``N(0, 1/r)`` some write-ups state. Invariant (Z). Arguments as
     :func:`noise_zeros`.
     """

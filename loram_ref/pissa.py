@@ -1,10 +1,12 @@
-"""PiSSA: principal singular values and vectors adaptation (spec §2; Meng et al. 2024, arXiv 2404.02948)."""
+"""PiSSA: principal singular values and vectors adaptation (docs/initializers.md §2; Meng et al. 2024, arXiv 2404.02948)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from .fidelity import pissa_rsvd_fidelity
+from .fidelity import angle_deg, orthonormal_rows
 from .linalg import randomized_svd
 from .registry import FULL_SVD, Invariant, PublishedScaling, register
 from .result import LoraInit
@@ -18,7 +20,7 @@ _PAPER = "Meng, Wang & Zhang 2024, PiSSA (arXiv 2404.02948); PEFT pissa_init"
 def _fp32_work_copy(weight: torch.Tensor, inplace: bool) -> torch.Tensor:
     """The fp32 matrix PiSSA decomposes and then turns into the residual.
 
-    A bf16/fp16 ``W`` is up-cast (the copy the algorithm needs, spec §2 step 1). An fp32
+    A bf16/fp16 ``W`` is up-cast (the copy the algorithm needs, docs/initializers.md §2 step 1). An fp32
     ``W`` is cloned unless the caller allowed ``inplace``, so the function stays pure.
     """
     if weight.dtype == torch.float64:  # a float64 W is decomposed in float64
@@ -93,11 +95,30 @@ def _pissa_factors(
     )
 
 
+#: Niters at which pissa_rsvd's subspace is compared with the exact one (its fidelity diagnostic).
+NITERS = (0, 2, 4, 16)
+
+
+def pissa_rsvd_fidelity(weight: torch.Tensor, rank: int, init: LoraInit, kwargs: dict[str, Any]) -> dict[str, float]:
+    """Largest angle (°) to the exact top-r right singular subspace, per niter in :data:`NITERS`."""
+    work = weight.double() if weight.dtype == torch.float64 else weight.float()
+    exact = torch.linalg.svd(work, full_matrices=False).Vh[:rank].mT
+    seed = int(kwargs.get("seed", 0))
+    out = {}
+    for niter in NITERS:
+        gen = torch.Generator(device=weight.device).manual_seed(seed)
+        _, _, v = randomized_svd(work, rank, niter, gen)
+        out[f"angle_deg_niter{niter}"] = angle_deg(v, exact)
+    out["angle_deg"] = angle_deg(orthonormal_rows(init.A), exact)
+    return out
+
+
 @register(
     "pissa",
+    harness=("inplace", "check_input"),
     work=full_svd,
     invariant=Invariant.FUNCTION_PRESERVING,
-    published=PublishedScaling(source="the PiSSA paper sets lora_alpha = r (s = 1; spec §2)"),
+    published=PublishedScaling(source="the PiSSA paper sets lora_alpha = r (s = 1; docs/initializers.md §2)"),
     cost=FULL_SVD,
     from_svd=pissa_from_svd,
     label="full-SVD PiSSA",
@@ -112,7 +133,7 @@ def pissa(
     inplace: bool = False,
     check_input: bool = True,
 ) -> LoraInit:
-    """PiSSA with a full economy SVD (PEFT ``init_lora_weights="pissa"``), spec §2.
+    """PiSSA with a full economy SVD (PEFT ``init_lora_weights="pissa"``), docs/initializers.md §2.
 
     ``W = U·diag(σ)·Vᵀ`` (fp32, ``torch.linalg.svd(full_matrices=False)``);
     ``A = diag(√(σ_r/s))·V_rᵀ``, ``B = U_r·diag(√(σ_r/s))``, ``W_res = W - s·B·A``.
@@ -120,8 +141,8 @@ def pissa(
 
     Decisions: the residual is computed in fp32 from the fp32 factors and cast to
     ``W``'s dtype once, and ``A``/``B`` are returned in ``W``'s dtype, PEFT's order of
-    operations (spec §2 resolution c). Extra memory is what the SVD needs: the fp32
-    copy of ``W`` (reused as the residual), ``U`` and ``Vᵀ`` (spec §2 "Cost").
+    operations (docs/initializers.md §2 resolution c). Extra memory is what the SVD needs: the fp32
+    copy of ``W`` (reused as the residual), ``U`` and ``Vᵀ`` (docs/initializers.md §2 "Cost").
 
     Args:
         inplace: allow writing the residual into ``weight``'s storage (then
@@ -138,10 +159,11 @@ def pissa(
 
 @register(
     "pissa_rsvd",
+    harness=("generator", "inplace", "check_input"),
     work=randomized_svd_work(4),
     fidelity=pissa_rsvd_fidelity,
     invariant=Invariant.FUNCTION_PRESERVING,
-    published=PublishedScaling(source="the PiSSA paper sets lora_alpha = r (s = 1; spec §2)"),
+    published=PublishedScaling(source="the PiSSA paper sets lora_alpha = r (s = 1; docs/initializers.md §2)"),
     paper=_PAPER,
     summary="PiSSA on a randomized SVD (q = r, niter power iterations)",
 )
@@ -156,10 +178,10 @@ def pissa_rsvd(
     inplace: bool = False,
     check_input: bool = True,
 ) -> LoraInit:
-    """PiSSA with a randomized SVD (PEFT ``init_lora_weights="pissa_niter_N"``), spec §2.
+    """PiSSA with a randomized SVD (PEFT ``init_lora_weights="pissa_niter_N"``), docs/initializers.md §2.
 
     The top-r triplets come from :func:`loram_ref.linalg.randomized_svd` with ``q = r``
-    (no oversampling, as PEFT: spec §2 resolution a) and ``niter`` subspace iterations;
+    (no oversampling, as PEFT: docs/initializers.md §2 resolution a) and ``niter`` subspace iterations;
     the rest is as :func:`pissa`. A generator in the state of the global RNG reproduces
     PEFT's ``torch.svd_lowrank`` draw. Default ``niter=4`` is the PiSSA README's example
     (the training scripts use 16). Invariant (F) holds exactly; only the subspace is

@@ -8,18 +8,20 @@ Nothing outside the registry keeps lists of initializer names.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable
+from typing import Any, Callable, Iterable, Mapping
 
 from .guard import guard
 from .result import LoraInit
-from .statistics import NO_STATISTICS, Statistics, StatisticsKind
+from .statistics.kinds import NO_STATISTICS, Statistics, StatisticsKind
 from .work import Work
 
 __all__ = [
     "FULL_SVD",
+    "HARNESS_ROLES",
     "INPUT_SPACE",
     "INITIALIZERS",
     "PASSES",
@@ -35,7 +37,7 @@ __all__ = [
 
 
 class Invariant(str, Enum):
-    """The step-0 invariant class of an initializer (spec §0)."""
+    """The step-0 invariant class of an initializer (docs/initializers.md §0)."""
 
     FUNCTION_PRESERVING = "F"  # W_res + s·B·A == W
     ZERO_PRODUCT = "Z"  # B·A == 0 and W unchanged
@@ -56,11 +58,11 @@ def _n2_m_plus_n(m: int, n: int) -> float:
 
 @dataclass(frozen=True)
 class CostClass:
-    """How an initializer's work grows with the layer shape ``m x n`` (spec §8).
+    """How an initializer's work grows with the layer shape ``m x n`` (docs/initializers.md §8).
 
     ``size(m, n)`` is the natural size variable ``x`` of the algorithm: its cost is
     asymptotically linear in ``x``, so a cost law ``t = c·x`` fitted at one shape
-    extrapolates to the others (``bench.costlaw``).
+    extrapolates to the others (``bench.core.costlaw``).
     """
 
     name: str
@@ -71,7 +73,7 @@ class CostClass:
 PASSES = CostClass("m·n", _mn)
 #: A full decomposition of W: O(m·n·min(m, n)).
 FULL_SVD = CostClass("m·n·min(m,n)", _mn_min)
-#: n x n input-space work (Cholesky, Z⁻¹, Δ̂ᵀΔ̂, an eigensolver on Ω): O(n³ + m·n²), spec §4 "Cost".
+#: n x n input-space work (Cholesky, Z⁻¹, Δ̂ᵀΔ̂, an eigensolver on Ω): O(n³ + m·n²), docs/initializers.md §4 "Cost".
 INPUT_SPACE = CostClass("n²·(m+n)", _n2_m_plus_n)
 
 
@@ -127,13 +129,52 @@ class InitializerSpec:
     #: ``StatisticsKind.lr_rescale``), for methods homogeneous in their statistics; a
     #: learning-rate grid then runs the method once per seed
     rescale: Callable[[LoraInit, float], LoraInit] | None = None
+    #: what the harness may pass the function, by role (:data:`HARNESS_ROLES`), each mapped
+    #: to the keyword that takes it: ``{"generator": "rng"}`` for a method whose random
+    #: source is called ``rng``. Declared at registration, never guessed from names.
+    harness: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def needs_statistics(self) -> bool:
         return self.statistics.needed
 
+    def harness_kwargs(self, **values: Any) -> dict[str, Any]:
+        """The keywords of a harness call: each role in ``values`` that the method declares,
+        under its keyword (roles it does not declare, and ``None`` values, are left out)."""
+        unknown = set(values) - set(HARNESS_ROLES)
+        if unknown:
+            raise ValueError(f"unknown harness role(s) {sorted(unknown)}; known: {', '.join(HARNESS_ROLES)}")
+        return {self.harness[role]: value for role, value in values.items()
+                if role in self.harness and value is not None}
+
 
 INITIALIZERS: dict[str, InitializerSpec] = {}
+
+#: The roles of the keywords a harness passes: ``inplace`` (the residual may overwrite the
+#: weight's storage), ``check_input`` (False skips the finiteness scan), ``generator`` (the
+#: random source, seeded per layer), ``module`` (the layer's name in its model).
+HARNESS_ROLES = ("inplace", "check_input", "generator", "module")
+
+
+def _harness_map(name: str, fn: Callable[..., LoraInit], harness: Iterable[str] | Mapping[str, str]
+                 ) -> dict[str, str]:
+    """The declared roles, checked against ``fn``'s keywords: each maps to a keyword ``fn``
+    has, and a keyword named like a role must be declared (forgetting fails at import)."""
+    roles = dict(harness) if isinstance(harness, Mapping) else {role: role for role in harness}
+    params = inspect.signature(fn).parameters
+    for role, keyword in roles.items():
+        if role not in HARNESS_ROLES:
+            raise ValueError(f"initializer {name!r} declares unknown harness role {role!r}; known: "
+                             f"{', '.join(HARNESS_ROLES)}")
+        if keyword not in params:
+            raise ValueError(f"initializer {name!r} declares harness role {role!r} as keyword {keyword!r}, "
+                             f"which {fn.__name__} does not take")
+    undeclared = [k for k in HARNESS_ROLES if k in params and k not in roles.values()]
+    if undeclared:
+        raise ValueError(f"initializer {name!r} takes {', '.join(map(repr, undeclared))} without declaring it: add "
+                         f"harness=({', '.join(map(repr, undeclared))},) to its register(...) (or map the role to "
+                         "the keyword that takes it)")
+    return roles
 
 
 def register(
@@ -151,12 +192,15 @@ def register(
     published: PublishedScaling | None = None,
     from_svd: Callable[..., LoraInit] | None = None,
     rescale: Callable[[LoraInit, float], LoraInit] | None = None,
+    harness: Iterable[str] | Mapping[str, str] = (),
 ) -> Callable[[Callable[..., LoraInit]], Callable[..., LoraInit]]:
-    """Add the decorated function to ``INITIALIZERS`` under ``name``."""
+    """Add the decorated function to ``INITIALIZERS`` under ``name``; ``harness`` declares
+    the keywords a harness may pass it (:data:`HARNESS_ROLES`)."""
 
     def decorate(fn: Callable[..., LoraInit]) -> Callable[..., LoraInit]:
         if name in INITIALIZERS:
             raise ValueError(f"initializer {name!r} is registered twice")
+        roles = _harness_map(name, fn, harness)
         guarded = guard(fn)
         INITIALIZERS[name] = InitializerSpec(
             name=name,
@@ -173,6 +217,7 @@ def register(
             published=published or PublishedScaling(),
             from_svd=from_svd,
             rescale=rescale,
+            harness=roles,
         )
         return guarded
 

@@ -12,7 +12,7 @@ import torch
 class LoraInit:
     """Adapter factors produced by one initializer for one frozen weight ``W`` (m x n).
 
-    Orientation follows PEFT (spec §0): ``A`` is ``lora_A.weight`` (r x n), ``B`` is
+    Orientation follows PEFT (docs/initializers.md §0): ``A`` is ``lora_A.weight`` (r x n), ``B`` is
     ``lora_B.weight`` (m x r) and the effective weight is ``W_res + s·B·A`` (or
     ``W_res + s·B·R·A`` for LoRA-SB).
 

@@ -1,7 +1,7 @@
 """The work each algorithm must do on an ``m x n`` weight: bytes it must read, bytes it must
 read and write back, and floating-point operations. Declared on the registry (``work=``);
 the harness turns it into a per-cell hardware floor with measured bandwidths and GEMM
-throughput (``bench.calibrate``), so the report can say how far each initializer is from
+throughput (``bench.initcost.calibrate``), so the report can say how far each initializer is from
 the machine, not only how long it took.
 
 Floor model (the loram issue's definition, generalized): ``t_floor = read_bytes / read_bw +

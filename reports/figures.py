@@ -33,6 +33,19 @@ def colors(names) -> dict[str, str]:
     return {name: color(name) for name in names}
 
 
+def human_seconds(value: float) -> str:
+    """A duration as people read it: 850 µs, 12.3 ms, 4.27 s, 7.5 min, 2.1 h."""
+    if value < 1e-3:
+        return f"{value * 1e6:.3g} µs"
+    if value < 1.0:
+        return f"{value * 1e3:.3g} ms"
+    if value < 120.0:
+        return f"{value:.3g} s"
+    if value < 7200.0:
+        return f"{value / 60:.3g} min"
+    return f"{value / 3600:.3g} h"
+
+
 def human_bytes(value: float | None) -> str:
     """``1.3 MiB``, ``2.10 GiB``: memory as people read it."""
     if value is None or pd.isna(value):
@@ -207,7 +220,7 @@ def _rgba(hex_color: str, alpha: float) -> str:
 
 
 def _lr_label(lr: float) -> str:
-    from bench.loss.verdict import lr_text
+    from bench.core.paired import lr_text
 
     return f"lr {lr_text(lr)}"
 
@@ -216,7 +229,7 @@ def loss_bands(loss: pd.DataFrame, metric: str, title: str, ytitle: str, trainab
     """Per initializer, the mean over seeds of ``metric`` against step with its 95 % Student-t
     band (none with one seed); a dropdown picks the learning rate. The legend says how many
     parameters each trains."""
-    from bench.loss.verdict import Interval
+    from bench.core.intervals import Interval
 
     trainable = trainable or {}
     traces: dict[str, list] = {}
@@ -382,7 +395,8 @@ def roofline(table: pd.DataFrame) -> go.Figure:
 def layer_curves(frame: pd.DataFrame) -> go.Figure:
     """Normalized error against step per initializer, mean over seeds with its 95 % band; a
     dropdown picks the (shape, alignment, lr)."""
-    from bench.loss.verdict import Interval, lr_text
+    from bench.core.intervals import Interval
+    from bench.core.paired import lr_text
 
     traces: dict[str, list] = {}
     frame = frame.sort_values(["numel", "shape", "alignment", "lr"])

@@ -11,13 +11,22 @@ from typing import Any
 import pandas as pd
 import plotly.offline
 
-from bench.identity import IDENTITY_FIELDS
-from bench.metrics import METRICS
-from bench.suites import SPEEDUP_REFERENCE
+from bench.core.defaults import SPEEDUP_REFERENCE
+from bench.core.identity import IDENTITY_FIELDS
+from bench.initcost.metrics import METRICS
 from loram_ref import INITIALIZERS
-
-from . import figures
-from .tables import ResultSet, cells, cost_laws, failures, load_results, model_totals, speedups, without_totals
+from reports import figures
+from reports.tables import (
+    ResultSet,
+    cells,
+    cost_laws,
+    decision_summary,
+    failures,
+    load_results,
+    model_totals,
+    speedups,
+    without_totals,
+)
 
 _CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
@@ -319,6 +328,50 @@ def _metric_legend() -> str:
     return f'<details class="note"><summary>columns</summary><ul>{items}</ul></details>'
 
 
+def _link(anchor: str | None, text: str, present: set[str]) -> str:
+    """``text`` (escaped already) linked to the section that backs it, where the page has it."""
+    return f'<a href="#{anchor}">{text}</a>' if anchor in present else text
+
+
+def _summary_section(summary: pd.DataFrame, present: set[str]) -> str:
+    """The decision summary: one row per initializer, each cell linked to its evidence."""
+    presets = [c.removeprefix("init time ") for c in summary.columns if c.startswith("init time ")]
+    head = ["initializer", *(f"init time {p}" for p in presets), *(f"peak memory {p}" for p in presets),
+            "needs data", "rewrites W", "sharded version", "x floor", "loss verdict"]
+    rows = []
+    for row in summary.to_dict("records"):
+        cells_ = [f"<td>{_e(row['initializer'])}</td>"]
+        for p in presets:
+            t, share = row.get(f"init time {p}"), row.get(f"predicted share {p}") or 0.0
+            text = "" if t is None or pd.isna(t) else figures.human_seconds(t) + (f" (~{share:.0%} predicted)" if share > 0.005 else "")
+            cells_.append(f"<td>{_link('totals', html.escape(text), present)}</td>")
+        for p in presets:
+            peak = row.get(f"peak memory {p}")
+            text = "" if peak is None or pd.isna(peak) else figures.human_bytes(peak)
+            cells_.append(f"<td>{_link('memory', html.escape(text), present)}</td>")
+        for key in ("needs data", "rewrites W"):
+            cells_.append(f"<td>{_link('facts', _e(row[key]), present)}</td>")
+        cells_.append(f"<td>{_link('sharded' if row['sharded version'] == 'yes' else 'facts', _e(row['sharded version']), present)}</td>")
+        ratios = row.get("x floor")
+        text = "" if not isinstance(ratios, tuple) else (f"{ratios[0]:.3g}x" if abs(ratios[1] - ratios[0]) < 0.05 * ratios[0]
+                                                          else f"{ratios[0]:.3g}x–{ratios[1]:.3g}x")
+        cells_.append(f"<td>{_link('floor', html.escape(text), present)}</td>")
+        cells_.append(f'<td class="reason">{_link("loss", _e(row["loss verdict"]), present)}</td>')
+        rows.append("<tr>" + "".join(cells_) + "</tr>")
+    table = ('<div class="scroll"><table class="sortable"><thead><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+             + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
+    note = ('<p class="note">For each model measured: the whole-model init time (every linear layer initialized once, '
+            "its layer shapes' times × counts, in the view with the most cells; ~ marks the share predicted by a cost "
+            "law) and the largest peak memory of one layer's init beyond its weight. Whether the method needs "
+            "statistics from training data, whether it rewrites the frozen weight (then the trained adapter needs its "
+            "residual base, or a conversion), whether it has a sharded version, its distance from the hardware floor "
+            "(median time over the floor, the range over its cells) and the loss verdict sentence. Each cell links "
+            "to the section that backs it.</p>")
+    facts = ('<p class="note" id="facts">needs data, rewrites W and sharded version are facts of each method\'s '
+             "registry entry (its invariant class and statistics kind), not measurements.</p>")
+    return note + table + facts
+
+
 def render_sections(data: ResultSet, comparison: pd.DataFrame | None,
                     speedup_reference: str = SPEEDUP_REFERENCE, comparison_note: str = COMPARE_NOTE
                     ) -> list[tuple[str, str, str]]:
@@ -416,6 +469,14 @@ def render_sections(data: ResultSet, comparison: pd.DataFrame | None,
         sections.append(("environment", "Environment", table_html(env_frame)))
     if not sections:
         sections.append(("empty", "No results", '<p class="note">the results folder holds no rows yet</p>'))
+        return sections
+    table = cells(init, cost_laws(init)) if not init.empty else pd.DataFrame()
+    laws = cost_laws(init) if not init.empty else pd.DataFrame()
+    totals = model_totals(table, laws, data.catalog) if not table.empty and not laws.empty else pd.DataFrame()
+    summary = decision_summary(data, table, totals)
+    if not summary.empty:
+        present = {anchor for anchor, _, _ in sections} | {"facts"}
+        sections.insert(0, ("summary", "Decision summary", _summary_section(summary, present)))
     return sections
 
 

@@ -1,7 +1,7 @@
 """From result rows to the tables the report draws: init cells with extrapolations, cost
 laws, speedups over a reference initializer and model-level totals. No plotting here.
 
-Cells are grouped by their family (``bench.identity``): one cost law and one line per
+Cells are grouped by their family (``bench.core.identity``): one cost law and one line per
 initializer and view (device, dtype, rank, threads, scaling, options), so two thread
 counts in one folder stay two laws and two lines.
 """
@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from bench import costlaw
-from bench.catalog import read_catalog
-from bench.identity import family, view, view_label
+from bench.core import costlaw
+from bench.core.catalog import read_catalog
+from bench.core.identity import family, view, view_label
+from bench.core.paired import LossVerdict, verdict_for
+from bench.core.results import read_rows, to_frame
+from bench.core.rows import FAILURES, SKIPPED
+from bench.core.shapes import LayerShape
 from bench.layer.verdict import LayerVerdict, layer_verdict
-from bench.loss.verdict import LossVerdict, verdict_for
-from bench.results import read_rows, to_frame
-from bench.schema import FAILURES, SKIPPED
-from bench.shapes import LayerShape
+from loram_ref import INITIALIZERS
 
 
 @dataclass
@@ -102,7 +104,7 @@ def _layer(rows: list[dict]) -> tuple[LayerVerdict | None, pd.DataFrame, int]:
 
 def cost_laws(init: pd.DataFrame) -> pd.DataFrame:
     """Per family: the descriptive law ``t = c·x^k`` over the largest sizes, and the
-    linear extrapolation law's ``c`` (``bench.costlaw``)."""
+    linear extrapolation law's ``c`` (``bench.core.costlaw``)."""
     out = []
     if init.empty:
         return pd.DataFrame(out)
@@ -221,3 +223,51 @@ def without_totals(init: pd.DataFrame, laws: pd.DataFrame) -> list[str]:
     fitted = set(laws["family"]) if not laws.empty else set()
     missing = init[~init["family"].isin(fitted)]
     return sorted({f"{r['initializer']} ({r['view']})" for r in missing.to_dict("records")})
+
+
+def decision_summary(data: ResultSet, table: pd.DataFrame, totals: pd.DataFrame) -> pd.DataFrame:
+    """One row per initializer: what it costs on each model measured (whole-model init time
+    in the main view, the largest peak of one layer's init), what it needs (data) and does
+    (rewrites W), whether a sharded version exists, its loss verdict sentence, and how far
+    its measured cells are from the hardware floor (the range of ``floor_ratio``).
+
+    Facts of the method come from its registry entry; every figure from the rows (model
+    totals as in :func:`model_totals`, a ``~`` share where they rest on predictions)."""
+    from loram_ref.sharded import SHARDED
+
+    names: list[str] = []
+    for frame in (table, data.loss_summary, data.layer_rows, data.sharded):
+        if not frame.empty and "initializer" in frame:
+            names += [n for n in frame["initializer"].astype(str).unique() if n not in names]
+    if not names:
+        return pd.DataFrame()
+    main_view = None
+    if not totals.empty:
+        main_view = totals["view"].value_counts().index[0]
+    sentences = data.loss_verdict.sentences if data.loss_verdict is not None else {}
+    records = []
+    for name in sorted(names):
+        spec = INITIALIZERS.get(name)
+        record: dict[str, Any] = {
+            "initializer": name,
+            "needs data": ("yes: " + spec.statistics.name + " statistics") if spec and spec.needs_statistics else
+            ("no" if spec else "unknown"),
+            "rewrites W": ("yes (W_res = W − s·B·A)" if spec.invariant.value == "F" else "no") if spec else "unknown",
+            "sharded version": "yes" if name in SHARDED else "no",
+            "loss verdict": sentences.get(name, ""),
+        }
+        if not totals.empty:
+            mine = totals[(totals["initializer"] == name) & (totals["view"] == main_view)]
+            for row in mine.to_dict("records"):
+                record[f"init time {row['preset']}"] = row["total_s"]
+                record[f"predicted share {row['preset']}"] = row["extrapolated_share"]
+                shapes = {(s.d_out, s.d_in) for s in data.catalog.get(row["preset"], [])}
+                in_model = pd.Series([(m, n) in shapes for m, n in zip(table["d_out"], table["d_in"])], index=table.index)
+                cells_ = table[(table["initializer"] == name) & (table["status"] == "ok") & in_model]
+                peak = cells_["peak_cpu_extra_bytes"].max() if not cells_.empty else float("nan")
+                record[f"peak memory {row['preset']}"] = peak
+        if not table.empty and "floor_ratio" in table:
+            ratios = table[(table["initializer"] == name) & (table["status"] == "ok")]["floor_ratio"].dropna()
+            record["x floor"] = (float(ratios.min()), float(ratios.max())) if not ratios.empty else None
+        records.append(record)
+    return pd.DataFrame(records)

@@ -160,7 +160,7 @@ def test_every_measurement_failing_exits_1_with_a_summary(tmp_path, capsys):
 
 
 def test_more_ranks_than_cores_is_said_before_the_launch(capsys):
-    from bench.checks import available_cores, check_world_size
+    from bench.core.checks import available_cores, check_world_size
 
     check_world_size([1, available_cores() + 1], "cpu")
     assert f"--world-size {available_cores() + 1} on {available_cores()} core(s)" in capsys.readouterr().err

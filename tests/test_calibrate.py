@@ -7,9 +7,9 @@ import math
 import pytest
 
 import loram_ref
-from bench.calibrate import Calibration, measure
-from bench.runner import Runner
-from bench.tasks import Task
+from bench.initcost.calibrate import Calibration, measure
+from bench.initcost.runner import Runner
+from bench.initcost.tasks import Task
 from loram_ref.work import Work
 
 CAL = Calibration("cpu", "float32", 2, read_bytes_per_s=10e9, rw_bytes_per_s=20e9, lowrank_flops_per_s=50e9,

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from bench.children import child_env, import_path
+from bench.core.children import child_env, import_path
 
 from .conftest import _PLANTED_SOURCE, PLANTED
 
@@ -41,17 +41,17 @@ def test_no_child_imports_from_the_working_folder(planted_runs, command):
 
 
 def test_spawned_workers_import_nothing_from_the_working_folder(planted, monkeypatch):
-    """The CUDA path's launchers (``python -m bench.worker``, ``python -m bench.trees``), on CPU."""
-    from bench.launchers import SpawnLauncher
-    from bench.tasks import Task
-    from bench.trees import Tree, checkout_root
+    """The CUDA path's launchers (``python -m bench.initcost.worker``, ``python -m bench.gate.trees``), on CPU."""
+    from bench.core.launchers import SpawnLauncher
+    from bench.initcost.tasks import Task
+    from bench.gate.trees import Tree, checkout_root
 
     folder, marks = planted
     monkeypatch.chdir(folder)
     monkeypatch.syspath_prepend(str(folder))  # even with the folder on this process's path
     task = Task("noise_zeros", 32, 32, 4, values=1, min_values=1, max_fidelity_elements=0)
-    for cmd in ([sys.executable, "-m", "bench.worker"],
-                [sys.executable, "-m", "bench.trees", Tree("new", str(checkout_root())).to_json()]):
+    for cmd in ([sys.executable, "-m", "bench.initcost.worker"],
+                [sys.executable, "-m", "bench.gate.trees", Tree("new", str(checkout_root())).to_json()]):
         outcome = SpawnLauncher(cmd).launch(task, 120)
         assert outcome.status == "ok", outcome.reason
     assert sorted(p.name for p in marks.iterdir()) == []

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench.cli import main
-from bench.results import read_rows
+from bench.core.results import read_rows
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}
@@ -101,7 +101,7 @@ def test_a_rank_above_some_shapes_says_which_it_drops(tmp_path, tiny_model, caps
 
 
 def test_compare_without_common_cells_says_so(tmp_path, capsys):
-    from bench.results import append_row
+    from bench.core.results import append_row
 
     for name, d in (("a", 16), ("b", 32)):
         append_row(tmp_path / name / "init.jsonl", {"kind": "init", "initializer": "noise_zeros", "d_out": d, "d_in": d,
@@ -111,7 +111,7 @@ def test_compare_without_common_cells_says_so(tmp_path, capsys):
 
 
 def test_memory_limit_sizes_parse():
-    from bench.cli import parse_size
+    from bench.cli.args import parse_size
 
     assert parse_size("8GiB") == 8 << 30 and parse_size("512M") == 512 << 20 and parse_size("1.5g") == int(1.5 * (1 << 30))
     for bad in ("lots", "12 parsecs", "100"):
@@ -120,7 +120,7 @@ def test_memory_limit_sizes_parse():
 
 
 def test_init_options_reach_the_initializer():
-    from bench.cli import _init_options
+    from bench.cli.args import init_options as _init_options
 
     assert _init_options(["lora_da.solver=eigh", "lora_da.official_seed=9"], ["lora_da"]) == {
         "lora_da": {"solver": "eigh", "official_seed": 9}}

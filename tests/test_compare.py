@@ -8,13 +8,13 @@ import random
 import pytest
 
 from bench.cli import main
-from bench.compare import EXIT_OK, EXIT_REGRESSION, EXIT_UNMEASURABLE, Thresholds, compare_cell, min_reachable_p
-from bench.history import append_history
-from bench.results import append_row, read_rows
+from bench.initcost.compare import EXIT_OK, EXIT_REGRESSION, EXIT_UNMEASURABLE, Thresholds, compare_cell, min_reachable_p
+from bench.initcost.history import append_history
+from bench.core.results import append_row, read_rows
 
 
 def _row(values, status="ok", key="k1", mem=10 << 20, **extra):
-    # cells are told apart by their identity (bench.identity); ``key`` names one through its options
+    # cells are told apart by their identity (bench.core.identity); ``key`` names one through its options
     return {"kind": "init", "task_key": key, "initializer": "pissa", "d_out": 64, "d_in": 32, "rank": 4, "dtype": "float32",
             "device": "cpu", "threads": 2, "options": json.dumps({"cell": key}), "status": status, "values_s": values,
             "median_s": sorted(values)[len(values) // 2] if values else None, "peak_cpu_extra_bytes": mem,

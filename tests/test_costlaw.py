@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import costlaw
+from bench.core import costlaw
 
 
 def test_fit_recovers_a_power_law():

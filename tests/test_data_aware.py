@@ -1,4 +1,4 @@
-"""LoRA-SB (spec §3) and LoRA-DA (spec §4) against exact linear algebra on small problems."""
+"""LoRA-SB (docs/initializers.md §3) and LoRA-DA (docs/initializers.md §4) against exact linear algebra on small problems."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def test_lora_sb_on_a_sign_update_is_near_eckart_young_optimum():
 
 
 def test_lora_sb_eta_from_repo_formula():
-    # arithmetic script: 1e-4 / (0.02 · ⌈50000/3⌉) ≈ 3.0e-7 (spec §3 table)
+    # arithmetic script: 1e-4 / (0.02 · ⌈50000/3⌉) ≈ 3.0e-7 (docs/initializers.md §3 table)
     assert LoraSBStats.eta_from_repo(1e-4, 0.02, math.ceil(50000 / 3)) == pytest.approx(3.0e-7, rel=1e-3)
 
 
@@ -72,7 +72,7 @@ def test_lora_sb_eta_from_repo_formula():
 
 
 def _omega_reference(stats: LoraDAStats, damping=1e-6, beta=0.03, alpha=1.0):
-    """Ω from spec §4 steps 3-5 with explicit float64 inverses (independent of the implementation)."""
+    """Ω from docs/initializers.md §4 steps 3-5 with explicit float64 inverses (independent of the implementation)."""
     z = stats.input_factor.double()
     z = (z + z.mT) / 2 + damping * torch.eye(z.shape[0], dtype=torch.float64)
     z_inv = torch.linalg.inv(z)

@@ -96,8 +96,8 @@ def test_lora_da_official_seeds_are_per_module_and_stable():
 
 
 def test_the_first_process_of_a_cell_computes_its_fidelity(tmp_path):
-    from bench.runner import Runner
-    from bench.tasks import Task
+    from bench.initcost.runner import Runner
+    from bench.initcost.tasks import Task
 
     (row,) = Runner(tmp_path / "i.jsonl", progress=False).run(
         [Task("pissa_rsvd", 128, 64, 4, values=1, processes=2, value_budget_s=30, threads=1)])

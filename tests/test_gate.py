@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from bench.cli import main
-from bench.continuous import BASE, NEW, ContinuousConfig, GateRun, run_continuous, side_rows
-from bench.gate import (
+from bench.gate.continuous import BASE, NEW, ContinuousConfig, GateRun, run_continuous, side_rows
+from bench.gate.rule import (
     FASTER, MORE_MEMORY, NOT_CONFIRMED, SAME, SLOWER, GateRule, Pair, decide, estimate, resolution,
 )
-from bench.gate_rates import CellRounds, draw_flags, draw_indices, load_rounds, rates
-from bench.plant import parse_slow_down, plant, slowed
-from bench.trees import Tree, checkout_root, fingerprint, load_tree, resolve_revision, run_tree_task, worktree
+from bench.gate.rates import CellRounds, draw_flags, draw_indices, load_rounds, rates
+from bench.gate.plant import parse_slow_down, plant, slowed
+from bench.gate.trees import Tree, checkout_root, fingerprint, load_tree, resolve_revision, run_tree_task, worktree
 
 import loram_ref
 
@@ -197,7 +197,7 @@ def test_a_worktree_is_checked_out_and_removed():
 def test_run_tree_task_measures_with_the_trees_code(tmp_path):
     import sys
 
-    from bench.tasks import Task
+    from bench.initcost.tasks import Task
 
     root = _copy_tree(tmp_path, "INITIALIZERS.pop('gaussian')")
     task = Task("loram_dst", 64, 48, 4, values=2, min_values=1, max_fidelity_elements=0)
@@ -217,15 +217,16 @@ def test_run_tree_task_measures_with_the_trees_code(tmp_path):
 
 
 def test_a_spawned_tree_worker_measures_with_the_trees_code(tmp_path):
-    """The CUDA path's mechanism (``python -m bench.trees TREE_JSON``), run on CPU."""
+    """The CUDA path's mechanism (``python -m bench.gate.trees TREE_JSON``), run on CPU."""
     import sys
 
-    from bench.launchers import SpawnLauncher
-    from bench.tasks import Task
+    from bench.core.launchers import SpawnLauncher
+    from bench.initcost.schema import ProcessRun
+    from bench.initcost.tasks import Task
 
     root = _copy_tree(tmp_path)
     tree = Tree("base", str(root), slow_down={"noise_zeros": 3.0})
-    launcher = SpawnLauncher([sys.executable, "-m", "bench.trees", tree.to_json()])
+    launcher = SpawnLauncher([sys.executable, "-m", "bench.gate.trees", tree.to_json()], ProcessRun.from_dict)
     outcome = launcher.launch(Task("noise_zeros", 64, 48, 4, values=3, min_values=3, max_fidelity_elements=0), 120)
     assert outcome.status == "ok", outcome.reason
     assert outcome.run.environment["loram_ref_path"] == str((root / "loram_ref").resolve())
@@ -271,7 +272,7 @@ class _Counting:
 
 
 def test_a_missing_initializer_on_one_side_is_unmeasurable_and_a_rerun_reuses_rounds(tmp_path):
-    from bench.continuous import side_launcher
+    from bench.gate.continuous import side_launcher
 
     base = Tree(BASE, str(_copy_tree(tmp_path, "INITIALIZERS.pop('loram_dst')")), "b" * 40)
     base = replace(base, fingerprint=fingerprint(base.root))
@@ -309,8 +310,8 @@ class _Scripted:
         self.value, self.crash_on, self.calls = value, set(crash_on), 0
 
     def launch(self, task, limit_s, memory_limit_bytes=None):
-        from bench.launchers import Outcome
-        from bench.schema import ProcessRun
+        from bench.core.launchers import Outcome
+        from bench.initcost.schema import ProcessRun
 
         self.calls += 1
         if self.calls in self.crash_on:
@@ -424,7 +425,7 @@ def _edited_copy(tmp_path: Path, module: str, name: str = "tree") -> Path:
     ("__init__.py", set(loram_ref.INITIALIZERS)),            # the package itself
 ])
 def test_an_edit_changes_the_fingerprints_of_exactly_the_initializers_that_import_it(tmp_path, module, changed):
-    from bench.trees import initializer_fingerprints
+    from bench.gate.trees import initializer_fingerprints
 
     before = initializer_fingerprints(checkout_root())
     after = initializer_fingerprints(_edited_copy(tmp_path, module))
@@ -433,7 +434,7 @@ def test_an_edit_changes_the_fingerprints_of_exactly_the_initializers_that_impor
 
 
 def test_the_gate_measures_only_initializers_whose_code_changed(tmp_path):
-    from bench.continuous import same_code
+    from bench.gate.continuous import same_code
 
     config = ContinuousConfig("HEAD", presets=[], shapes=[(64, 64)], initializers=["loram_dst", "noise_zeros"])
     tasks = config.tasks()

@@ -1,4 +1,4 @@
-"""Each initializer's step-0 invariant class (spec §0) on random weights, shapes and dtypes."""
+"""Each initializer's step-0 invariant class (docs/initializers.md §0) on random weights, shapes and dtypes."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_generator_argument_is_used(name):
 def test_noise_zeros_distribution():
     n, rank = 4096, 64
     init = loram_ref.initialize("noise_zeros", torch.zeros(rank, n), rank)
-    bound = 1 / math.sqrt(n)  # Kaiming-uniform with a = √5 (spec §1)
+    bound = 1 / math.sqrt(n)  # Kaiming-uniform with a = √5 (docs/initializers.md §1)
     assert float(init.A.abs().max()) <= bound
     assert abs(float(init.A.var()) - bound**2 / 3) < 0.02 * bound**2 / 3
 
@@ -102,7 +102,7 @@ def test_pissa_takes_the_principal_triplets():
     u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
     best = (u[:, :rank] * s[:rank]) @ vh[:rank]
     assert rel_err(init.delta(torch.float64), best) < 1e-5
-    # ‖s·B·A‖_F / ‖W‖_F = ‖σ_{1:r}‖/‖σ‖ (spec §9)
+    # ‖s·B·A‖_F / ‖W‖_F = ‖σ_{1:r}‖/‖σ‖ (docs/initializers.md §9)
     assert abs(float(init.delta().norm() / weight.norm()) - float(s[:rank].norm() / s.norm())) < 1e-5
 
 

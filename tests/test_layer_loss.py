@@ -194,7 +194,7 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 def test_a_70b_shaped_step_never_allocates_an_m_by_n_matrix():
-    from bench.measure import cpu_peak
+    from bench.core.measure import cpu_peak
 
     m, n, r = 28672, 8192, 8
     problem = LayerProblem(m, n, 0)  # no weight is built: only its O((m+n)·k) parts
@@ -377,7 +377,7 @@ def test_findings_say_when_nothing_is_resolved():
 def test_the_report_has_the_layer_section(tmp_path):
     from reports.html import build_report
 
-    from bench.results import append_rows
+    from bench.core.results import append_rows
 
     append_rows(tmp_path / "layer_loss.jsonl", [
         {**r, "schema_version": 2, "loss": [1.0, r["final_loss"]], "update_norm": [0.0, 1.0], "numel": r["d_out"] * r["d_in"]}
@@ -391,7 +391,7 @@ def test_the_spawned_worker_runs_a_layer_task():
     """The launcher a CUDA run uses (``python -m bench.layer.worker``), exercised on the CPU."""
     import sys
 
-    from bench.launchers import SpawnLauncher
+    from bench.core.launchers import SpawnLauncher
 
     outcome = SpawnLauncher([sys.executable, "-m", "bench.layer.worker"], decode=dict).launch(_task("noise_zeros"), 120)
     assert outcome.status == "ok", outcome.reason
@@ -400,7 +400,7 @@ def test_the_spawned_worker_runs_a_layer_task():
 
 def test_report_command_accepts_a_folder_with_only_layer_results(tmp_path):
     from bench.cli import main
-    from bench.results import append_rows
+    from bench.core.results import append_rows
 
     append_rows(tmp_path / "layer_loss.jsonl", [
         {**r, "schema_version": 2, "loss": [1.0, r["final_loss"]], "update_norm": [0.0, 1.0]}
@@ -422,7 +422,7 @@ def test_cached_factors_are_reused_only_by_the_same_initializer_code(tmp_path, m
     monkeypatch.setattr(worker, "loram_ref_fingerprint", lambda: "0123456789abcdef")
     changed = worker.cached_init(task, problem, target)[1]["init_cached"]
     assert (first, again, changed) == (False, True, False)
-    from bench.environment import loram_ref_fingerprint
+    from bench.core.environment import loram_ref_fingerprint
 
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == sorted(
         [f"{task.group_key}-{loram_ref_fingerprint()}.pt", f"{task.group_key}-0123456789abcdef.pt"])

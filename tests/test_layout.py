@@ -1,4 +1,4 @@
-"""Every worker process gets a memory layout of its own (``bench.layout``).
+"""Every worker process gets a memory layout of its own (``bench.core.layout``).
 
 Two tests, both about addresses: the real launcher path (forked from the fork server, a
 worker's setup, torch tensors of every size from 64 B to 64 MiB, in the main thread and in
@@ -23,8 +23,8 @@ import textwrap
 from .workers import SIZES, addresses
 
 def test_forked_workers_allocate_every_size_at_addresses_of_their_own():
-    from bench.launchers import ForkServerLauncher
-    from bench.tasks import Task
+    from bench.core.launchers import ForkServerLauncher
+    from bench.initcost.tasks import Task
 
     launcher = ForkServerLauncher(addresses, decode=dict)
     seen = [launcher.launch(Task("noise_zeros", 8, 8, 1), 60).run for _ in range(4)]
@@ -39,7 +39,7 @@ def test_forked_workers_allocate_every_size_at_addresses_of_their_own():
 #: allocations land (with the shuffle and settle of the launchers, or without: the control).
 _HOSTILE_PARENT = textwrap.dedent("""
     import ctypes, json, mmap, os, sys
-    from bench import layout
+    from bench.core import layout
     libc = layout._libc()
     keep, drop = [], []
     for i in range(4000):                       # heap: free chunks of every class, 24 B to 60 KiB

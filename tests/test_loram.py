@@ -1,4 +1,4 @@
-"""LoRAM (spec §5): bases, β closed form, gain, memory discipline."""
+"""LoRAM (docs/initializers.md §5): bases, β closed form, gain, memory discipline."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_beta_closed_form_and_factor_geometry(name, shape, rank, scaling):
     beta = (q * float(weight.double().norm()) ** 2 / rank) ** 0.25
     assert init.info["beta"] == pytest.approx(beta, rel=1e-6)
     assert init.info["gain_Q"] == pytest.approx(q)
-    # ‖s·B·A‖_F = s·√Q·‖W‖_F  (spec §5 invariants; issue #2)
+    # ‖s·B·A‖_F = s·√Q·‖W‖_F  (docs/initializers.md §5 invariants; issue #2)
     assert float(init.delta().norm()) == pytest.approx(scaling * math.sqrt(q) * float(weight.norm()), rel=1e-5)
     # BᵀB = AAᵀ = β²I
     eye = torch.eye(rank, dtype=torch.float64)

@@ -12,11 +12,11 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 import loram_ref  # noqa: E402
 from bench.loss.apply import apply_initializer, merge_lora_sb, product_diff_norm_sq  # noqa: E402
-from bench.loss.collect import collect_lora_da, collect_lora_sb  # noqa: E402
+from bench.loss.stats_pass import collect_lora_da, collect_lora_sb  # noqa: E402
 from bench.loss.data import file_corpus, make_blocks  # noqa: E402
 from bench.loss.model import TARGETS, tiny_llama_source  # noqa: E402
 from bench.loss.run import LossConfig, run_loss  # noqa: E402
-from bench.schema import SCHEMA_VERSION  # noqa: E402
+from bench.core.rows import LOSS  # noqa: E402
 
 from .conftest import TEXT  # noqa: E402
 
@@ -47,7 +47,7 @@ def test_rows_have_steps_eval_and_summary(tmp_path, corpus_file):
     assert summary["noise_zeros"]["step0_shift_norm"] == 0.0
     assert summary["loram_dst"]["step0_delta_rel_norm"] > 0.1  # s·√Q with s = 16/8
     assert summary["loram_dst"]["data_sha256"] and (tmp_path / "loss.csv").is_file()
-    assert {r["schema_version"] for r in rows} == {SCHEMA_VERSION}
+    assert {r["schema_version"] for r in rows} == {LOSS.version}
     # a rerun with the same configuration skips what is done
     again = run_loss(_config(corpus_file), tmp_path, progress=False, source=tiny_llama_source())
     assert len(again) == len(rows)

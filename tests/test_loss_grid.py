@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("peft")
 
 import loram_ref  # noqa: E402
+from bench.core.results import read_rows  # noqa: E402
 from bench.loss import run as loss_run  # noqa: E402
 from bench.loss.data import make_blocks  # noqa: E402
 from bench.loss.model import TARGETS, tiny_llama_source  # noqa: E402
@@ -21,7 +22,7 @@ from bench.loss.run import LossConfig, run_loss  # noqa: E402
 from bench.loss.train import Curve  # noqa: E402
 from bench.loss.verdict import STATS_FILE, verdicts  # noqa: E402
 from loram_ref import CollectContext  # noqa: E402
-from loram_ref.collect import collect_lora_sb  # noqa: E402
+from loram_ref.statistics.collect import collect_lora_sb  # noqa: E402
 
 
 def _config(corpus_file, **kw):
@@ -139,7 +140,7 @@ def test_eval_auc_is_the_time_averaged_eval_loss():
 
 
 def test_training_commands_spin_briefly_and_init_workers_still_sleep():
-    from bench.launchers import WORKER_ENV
+    from bench.core.launchers import WORKER_ENV
 
     code = ("import os, bench.cli as c; c.main(['loss', '--lrs', '0']); "
             "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('KMP_BLOCKTIME'))")
@@ -163,5 +164,5 @@ def test_the_report_shows_the_verdict_bands_and_the_magnitude_scatter(tmp_path, 
     page = build_report(tmp_path, tmp_path / "report.html").read_text()
     assert "Verdict" in page and "Update magnitude against eval loss" in page and "toself" in page
     assert "vs noise_zeros at its best lr" in page
-    (table,) = [v.table for v in verdicts(loss_run.read_rows(tmp_path / "loss.jsonl"))]
+    (table,) = [v.table for v in verdicts(read_rows(tmp_path / "loss.jsonl"))]
     assert set(table["seeds"]) == {3}

@@ -9,14 +9,14 @@ import textwrap
 
 import pytest
 
-from bench.measure import reset_peak_rss
+from bench.core.measure import reset_peak_rss
 
 MiB = 1 << 20
 
 _SCRIPT = textwrap.dedent(
     """
     import json, torch
-    from bench.measure import cpu_peak
+    from bench.core.measure import cpu_peak
     outside = torch.ones(256 * 2**20 // 4)          # 256 MiB before the region
     with cpu_peak() as peak:
         inside = torch.ones(128 * 2**20 // 4)       # 128 MiB inside it
@@ -37,8 +37,8 @@ def test_cpu_peak_sees_inside_not_outside():
 
 def test_loram_extra_memory_is_tiny_for_bf16(tmp_path):
     """Issue #2's memory discipline, measured: LoRAM on a bf16 W makes no fp32 copy of W."""
-    from bench.runner import Runner
-    from bench.tasks import Task
+    from bench.initcost.runner import Runner
+    from bench.initcost.tasks import Task
 
     task = Task("loram_dst", 2048, 4096, 16, dtype="bfloat16", values=1)
     (row,) = Runner(tmp_path / "r.jsonl", progress=False).run([task])
@@ -51,7 +51,7 @@ def test_loram_extra_memory_is_tiny_for_bf16(tmp_path):
 def test_gpu_peak_is_zero_on_cpu():
     import torch
 
-    from bench.measure import gpu_peak
+    from bench.core.measure import gpu_peak
 
     with gpu_peak(torch.device("cpu")) as peak:
         torch.ones(1000)

@@ -9,10 +9,11 @@ import sys
 
 import pytest
 
-from bench.pyperf_format import benchmark_name, read_pyperf, to_suite, write_pyperf
-from bench.results import export_kind, read_rows
-from bench.runner import Runner
-from bench.tasks import Task
+from bench.initcost.pyperf_format import benchmark_name, read_pyperf, to_suite, write_pyperf
+from bench.core.results import read_rows
+from bench.initcost.pyperf_format import export_init
+from bench.initcost.runner import Runner
+from bench.initcost.tasks import Task
 
 pyperf = pytest.importorskip("pyperf")
 
@@ -25,7 +26,7 @@ def folder(tmp_path_factory):
              for name in ("loram_dst", "noise_zeros")]
     rows = Runner(out / "init.jsonl", progress=False).run(tasks)
     rows.append({**rows[0], "task_key": "skipped-cell", "initializer": "pissa", "status": "skipped", "runs": []})
-    export_kind(rows, out, "init")
+    export_init(rows, out)
     return out
 
 

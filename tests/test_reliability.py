@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from bench import results
-from bench.launchers import ForkServerLauncher
-from bench.results import ResultsFileError, append_row, read_rows, rejected_path
-from bench.runner import Runner
-from bench.tasks import Task
-from bench.worker import _invariant_error
+from bench.core import results
+from bench.initcost.schema import ProcessRun
+from bench.core.launchers import ForkServerLauncher
+from bench.core.results import ResultsFileError, append_row, read_rows, rejected_path
+from bench.initcost.runner import Runner
+from bench.initcost.tasks import Task
+from bench.initcost.worker import _invariant_error
 
 from .workers import counting as _logged
 from .workers import ok as _ok
@@ -107,7 +108,7 @@ def test_skipped_cells_are_retried_when_the_limit_grows(tmp_path):
 
 
 def test_a_timeout_names_the_real_limit_and_a_result_is_never_called_a_crash(tmp_path):
-    launcher = ForkServerLauncher(_sleepy)
+    launcher = ForkServerLauncher(_sleepy, ProcessRun.from_dict)
     # sleeps around the limit: whichever side of it a worker lands, it is ok or a timeout
     outcomes = [launcher.launch(Task("noise_zeros", 16, 16, 4, options={"sleep": s}), 1.5)
                 for s in (0.0, 1.3, 1.45, 1.5, 1.55, 1.7, 4.0)]
@@ -123,8 +124,8 @@ def _manager_script(tmp_path: Path) -> Path:
 import sys
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
-from bench.runner import Runner
-from bench.tasks import Task
+from bench.initcost.runner import Runner
+from bench.initcost.tasks import Task
 from tests.workers import hang_and_tell
 if __name__ == "__main__":
     pid_file = {str(tmp_path / 'worker.pid')!r}
@@ -213,7 +214,7 @@ def test_memory_limit_records_out_of_memory_with_its_phase(tmp_path):
 def test_diagnostics_never_form_the_full_product():
     import torch
 
-    from bench.measure import cpu_peak
+    from bench.core.measure import cpu_peak
     from loram_ref import initialize
 
     w = torch.randn(4096, 4096)
@@ -225,7 +226,7 @@ def test_diagnostics_never_form_the_full_product():
 
 
 def test_a_failing_diagnostic_keeps_the_timings(tmp_path, monkeypatch):
-    import bench.worker as worker
+    import bench.initcost.worker as worker
 
     def boom(*_a):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
@@ -236,7 +237,7 @@ def test_a_failing_diagnostic_keeps_the_timings(tmp_path, monkeypatch):
 
 
 def test_a_baseline_pair_keeps_each_folders_tables_and_history(tmp_path):
-    from bench.quick import measure_init
+    from bench.cli.suites import measure_init
 
     tasks = [Task("noise_zeros", d, 16, 4) for d in (16, 32)]
     out, base = tmp_path / "new", tmp_path / "base"

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from bench.catalog import write_catalog
-from bench.results import append_row
+from bench.core.catalog import write_catalog
+from bench.core.results import append_row
 from reports.html import build_report
 
 SHAPES = [(192, 576), (576, 576), (1536, 576), (4096, 4096)]
@@ -98,3 +98,28 @@ def test_report_renders_offline_in_headless_chromium(tmp_path):
     subprocess.run([_chromium(), *flags, "--window-size=1300,2400", f"--screenshot={shot}", path.as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.is_file() and shot.stat().st_size > 50_000  # a rendered page, not a blank one
+
+
+def test_the_report_opens_with_a_decision_summary_linked_to_its_evidence(tmp_path):
+    import re
+
+    from reports.tables import cells, cost_laws, decision_summary, load_results, model_totals
+
+    folder = _results(tmp_path / "res")
+    data = load_results(folder)
+    laws = cost_laws(data.init)
+    table = cells(data.init, laws)
+    totals = model_totals(table, laws, data.catalog)
+    summary = decision_summary(data, table, totals).set_index("initializer")
+    assert sorted(summary.index) == ["loram_dst", "noise_zeros", "pissa"]
+    assert summary.loc["pissa", "rewrites W"].startswith("yes") and summary.loc["noise_zeros", "rewrites W"] == "no"
+    assert summary.loc["noise_zeros", "needs data"] == "no"
+    llama = totals[(totals["preset"] == "llama-2-7b") & (totals["initializer"] == "loram_dst")]["total_s"].iloc[0]
+    assert summary.loc["loram_dst", "init time llama-2-7b"] == pytest.approx(llama)
+    page = build_report(folder, tmp_path / "r.html").read_text()
+    headings = re.findall(r'<h2 id="([a-z-]+)">', page)
+    assert headings[0] == "summary"
+    summary_html = page[page.index('<h2 id="summary">'):page.index("<h2", page.index('<h2 id="summary">') + 1)]
+    for anchor in re.findall(r'<a href="#([a-z-]+)">', summary_html):
+        assert anchor in headings or anchor == "facts", anchor  # every link lands on a section of the page
+    assert '<a href="#totals">' in summary_html and '<a href="#memory">' in summary_html

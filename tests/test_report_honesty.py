@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from bench.catalog import write_catalog
-from bench.results import append_row
+from bench.core.catalog import write_catalog
+from bench.core.results import append_row
 from reports import figures
 from reports.html import build_report
 from reports.tables import cells, cost_laws, load_results, model_totals

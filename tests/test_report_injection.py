@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.results import ResultsFileError, read_rows
-from bench.rowcheck import check_row
+from bench.core.results import ResultsFileError, read_rows
+from bench.core.rows import check_row
 
 from .test_report import _chromium
 
@@ -91,7 +91,7 @@ def _results(planted_runs, tmp_path: Path, corpus_file: Path) -> tuple[Path, lis
 @pytest.mark.browser
 @pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (installed by .ci/run)")
 def test_a_script_in_any_results_field_never_runs_in_the_report(planted_runs, tmp_path, corpus_file):
-    from bench.cli import gate_table
+    from bench.cli.report import gate_table
     from reports.html import build_report
 
     folder, decisions = _results(planted_runs, tmp_path, corpus_file)

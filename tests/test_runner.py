@@ -7,10 +7,12 @@ import sys
 
 import pytest
 
-from bench import results
-from bench.launchers import ForkServerLauncher, SpawnLauncher
-from bench.runner import Runner, run_interleaved
-from bench.tasks import Task
+from bench.core import results
+from bench.core.launchers import ForkServerLauncher, SpawnLauncher, worker_command
+from bench.initcost.schema import ProcessRun
+from bench.initcost.worker import run_task
+from bench.initcost.runner import Runner, run_interleaved
+from bench.initcost.tasks import Task
 
 from .workers import counting as _counting
 from .workers import crash_at_32 as _crash
@@ -120,7 +122,9 @@ def test_slow_cells_stop_adding_processes(tmp_path):
     assert log.read_text().split() == ["16"] and row["processes"] == 1
 
 
-@pytest.mark.parametrize("launcher", [ForkServerLauncher(), SpawnLauncher()], ids=["forkserver", "spawn"])
+@pytest.mark.parametrize("launcher", [ForkServerLauncher(run_task, ProcessRun.from_dict),
+                                      SpawnLauncher(worker_command("bench.initcost.worker"), ProcessRun.from_dict)],
+                         ids=["forkserver", "spawn"])
 def test_launchers_share_one_interface(launcher):
     task = Task("loram_dst", 64, 32, 4, values=2, threads=1)
     outcome = launcher.launch(task, 60.0)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.history import append_history
-from bench.identity import cell_key
-from bench.metrics import METRICS, Gate, Merge, derive
-from bench.results import append_row, read_rows
-from bench.runner import Runner
-from bench.schema import SCHEMA_VERSION, Measurement, ProcessRun, SchemaError, merge_runs, normalize_row, upgrade_row
-from bench.tasks import Task
+from bench.initcost.history import append_history
+from bench.core.identity import cell_key
+from bench.initcost.metrics import METRICS, Gate, Merge, derive
+from bench.core.results import append_row, read_rows
+from bench.initcost.runner import Runner
+from bench.initcost.schema import SCHEMA_VERSION, Measurement, ProcessRun, SchemaError, merge_runs, normalize_row, upgrade_row
+from bench.initcost.tasks import Task
 
 from .workers import fake_run as _fake_worker
 
@@ -118,7 +118,7 @@ def test_unmergeable_runs_become_a_failed_row(tmp_path):
         calls = 0
 
         def launch(self, task, limit_s, memory_limit_bytes=None):
-            from bench.launchers import Outcome
+            from bench.core.launchers import Outcome
 
             TwoEnvironments.calls += 1
             return Outcome("ok", _run([0.1], 0.1, 1, env={"torch_threads": TwoEnvironments.calls}))

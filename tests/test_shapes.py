@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.shapes import PRESETS, LayerShape, model_shapes, unique_shapes
+from bench.core.shapes import PRESETS, LayerShape, model_shapes, unique_shapes
 
 
 def _by_role(shapes):
@@ -31,8 +31,8 @@ def test_llama_3_70b_by_hand():
 
 def test_parameter_totals_match_spec():
     total = lambda name: sum(s.d_out * s.d_in * s.count for s in model_shapes(name))
-    assert total("llama-2-7b") == 6_476_005_376  # spec §7: 6.48B targeted parameters
-    assert total("llama-3-70b") == 68_451_041_280  # spec §7: 68.5B
+    assert total("llama-2-7b") == 6_476_005_376  # docs/initializers.md §7: 6.48B targeted parameters
+    assert total("llama-3-70b") == 68_451_041_280  # docs/initializers.md §7: 68.5B
 
 
 def test_every_preset_builds_and_lm_head_is_excluded():

@@ -19,7 +19,9 @@ import torch
 import loram_ref
 from bench.sharded.launch import ShardedLauncher
 from bench.sharded.plugins import PLUGINS_ENV
-from bench.sharded.run import ShardedConfig, done_keys, run_sharded
+from bench.core.results import done_keys
+from bench.core.rows import SHARDED as SHARDED_ROWS
+from bench.sharded.run import ShardedConfig, run_sharded
 from bench.sharded.tasks import ShardedTask
 from bench.sharded.weights import full_weight, weight_block
 from loram_ref.bases import dst_basis, dst_rows
@@ -206,8 +208,8 @@ def test_done_keys_retry_failures_and_smaller_limits():
     rows = [{"kind": "sharded", "task_key": "a", "status": "ok"},
             {"kind": "sharded", "task_key": "b", "status": "crashed"},
             {"kind": "sharded", "task_key": "c", "status": "timeout", "limit_s": 60.0}]
-    assert done_keys(rows, 60.0) == {"a", "c"}
-    assert done_keys(rows, 120.0) == {"a"}
+    assert done_keys(rows, SHARDED_ROWS, 60.0) == {"a", "c"}
+    assert done_keys(rows, SHARDED_ROWS, 120.0) == {"a"}
 
 
 def test_report_has_the_sharded_panel(harness_rows, tmp_path):
@@ -264,7 +266,7 @@ class _Scripted:
         self.script, self.calls = list(script), []
 
     def launch(self, tasks, plan, folder, limit_s, on_poll=None):
-        from bench.results import append_row
+        from bench.core.results import append_row
         from bench.sharded.launch import LaunchOutcome
         from bench.sharded.tasks import ShardedRow
 

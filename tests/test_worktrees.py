@@ -1,7 +1,7 @@
 """``continuous`` leaves no base worktree behind: not on Ctrl-C, SIGTERM (a cancelled CI
 job) or SIGHUP (a closed terminal), and after a SIGKILL the next run prunes it.
 
-The signals are delivered twice: to this process inside ``bench.trees.worktree`` (each
+The signals are delivered twice: to this process inside ``bench.gate.trees.worktree`` (each
 signal, in a second), and to a real ``loram-bench continuous`` run (SIGTERM, what CI
 sends); the SIGKILL is sent to a real run.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.trees import WORKTREE_PREFIX, Terminated, checkout_root, prune_stale_worktrees, resolve_revision, worktree
+from bench.gate.trees import WORKTREE_PREFIX, Terminated, checkout_root, prune_stale_worktrees, resolve_revision, worktree
 
 ROOT = checkout_root()
 

@@ -12,10 +12,10 @@ import signal
 import time
 from pathlib import Path
 
-from bench.tasks import Task
+from bench.initcost.tasks import Task
 
 
-# -- init-cost workers (bench.runner), each returning a ProcessRun-like dict --------------
+# -- init-cost workers (bench.initcost.runner), each returning a ProcessRun-like dict --------------
 
 def ok(task: Task) -> dict:
     return {"task_key": task.key, "status": "ok", "first_s": 0.01, "median_s": 0.01 * task.d_out / 64,
@@ -80,7 +80,7 @@ def hang_and_tell(task: Task) -> dict:
 def oom_in_initializer(task: Task) -> dict:
     import torch
 
-    from bench.worker import PHASE
+    from bench.initcost.worker import PHASE
 
     PHASE["now"] = "initializer"
     torch.empty(task.options["bytes"], dtype=torch.uint8).fill_(1)
@@ -88,7 +88,7 @@ def oom_in_initializer(task: Task) -> dict:
 
 
 def fake_run(task: Task) -> dict:
-    from bench.schema import ProcessRun
+    from bench.initcost.schema import ProcessRun
 
     return ProcessRun(task_key=task.key, first_s=0.5, values_s=[0.1, 0.2], peak_cpu_extra_bytes=100).as_dict()
 
@@ -105,7 +105,7 @@ def layer_crash_on_seed_one(task) -> dict:
 
 def layer_init_fails(task) -> dict:
     from bench.layer.worker import run_layer_task
-    from bench.worker import PHASE
+    from bench.initcost.worker import PHASE
 
     PHASE["now"] = "initializer"
     with open(Path(task.cache_dir).parent / "launches.log", "a") as fh:
@@ -115,7 +115,7 @@ def layer_init_fails(task) -> dict:
     return run_layer_task(task)
 
 
-# -- the layout test (bench.layout) ---------------------------------------------------------
+# -- the layout test (bench.core.layout) ---------------------------------------------------------
 
 #: Float counts of the tensors ``addresses`` allocates: heap chunks (64 B to 64 KiB) and
 #: mappings (256 KiB to 64 MiB).
@@ -127,7 +127,7 @@ def addresses(task) -> dict:
     (one more of each size) after an OpenMP parallel region started the thread pool."""
     import torch
 
-    from bench.worker import begin_setup
+    from bench.initcost.worker import begin_setup
 
     begin_setup(2, "cpu")
     main = [torch.empty(n) for n in SIZES]

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch._dynamo  # noqa: F401  (AdamW's constructor imports it: 1.3 s per cold worker unless the fork server has it)
 
-from .problem import Target
+from bench.layer.problem import Target
+from loram_ref.linalg import gram_norm_sq
 
 
 @dataclass
@@ -82,12 +83,6 @@ class AdapterState:
         else:
             left, right = self.product_left() * self.scaling, self.a.mT
         return torch.cat([left, -target.left], 1), torch.cat([right, target.right], 1)
-
-
-def gram_norm_sq(left: torch.Tensor, right: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``‖left·rightᵀ·diag(weights)^½‖_F² = Σ (leftᵀ·left) ∘ (rightᵀ·diag(w)·right)`` in O((m+n)·c²)."""
-    weighted = right if weights is None else right * weights[:, None]
-    return ((left.mT @ left) * (weighted.mT @ right)).sum()
 
 
 def target_norm_sq(target: Target, input_var: torch.Tensor) -> float:

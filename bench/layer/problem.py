@@ -25,59 +25,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-#: Where the target update lives relative to W's singular subspaces.
-ALIGNMENTS = ("aligned", "random", "bottom")
-#: Input covariance spectra.
-INPUT_SPECTRA = ("isotropic", "decaying")
+from bench.layer.spec import ALIGNMENTS, INPUT_SPECTRA, ProblemSpec  # noqa: F401  (the task's parameters)
 
 
 def stable_seed(*parts: object) -> int:
     """A 63-bit seed from the parts' text (blake2b): the same on every machine and run."""
     digest = hashlib.blake2b("::".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % (2**63 - 1)
-
-
-@dataclass(frozen=True)
-class ProblemSpec:
-    """The task's parameters, recorded with every row (``spec_`` columns)."""
-
-    top_directions: int = 32  # t: singular values above the bulk
-    top_strength: float = 4.0  # κ: σ_1 = edge·(1 + κ)
-    top_decay: float = 1.0  # p: σ_i = edge·(1 + κ·i^{-p})
-    target_rank: int = 16  # k
-    target_decay: float = 1.0  # q: τ_j ∝ j^{-q}
-    target_scale: float = 0.05  # ‖ΔW*‖_F / E‖W‖_F
-    input_spectrum: str = "isotropic"
-    input_decay: float = 1.0  # d: λ_i ∝ i^{-d} for "decaying"
-
-    def validate(self, m: int | None = None, n: int | None = None, rank: int | None = None) -> None:
-        for name in ("top_directions", "target_rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        for name in ("top_strength", "top_decay", "target_decay", "target_scale", "input_decay"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be finite and > 0, got {value!r}")
-        if self.input_spectrum not in INPUT_SPECTRA:
-            raise ValueError(f"--input-spectrum must be one of {', '.join(INPUT_SPECTRA)}, got {self.input_spectrum!r}")
-        if self.target_rank > self.top_directions:
-            raise ValueError(f"--target-rank {self.target_rank} exceeds --top-directions {self.top_directions}: an "
-                             "aligned target lives in W's top singular subspace, which must hold it")
-        if rank is not None and rank > self.top_directions:
-            raise ValueError(f"--rank {rank} exceeds --top-directions {self.top_directions}: PiSSA's top-r triplets "
-                             "must be among the known ones")
-        if m is not None and n is not None and self.top_directions + self.target_rank > min(m, n):
-            raise ValueError(f"layer {m}x{n} is too small for --top-directions {self.top_directions} plus "
-                             f"--target-rank {self.target_rank} orthogonal directions; use smaller ones")
-
-    def fields(self) -> dict[str, Any]:
-        return {f"spec_{k}": v for k, v in asdict(self).items()}
 
 
 def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
@@ -195,7 +153,7 @@ class LayerProblem:
 @dataclass
 class TaskGradients:
     """The task's gradients at the base weight, for the data-aware initializers' statistics
-    (a ``loram_ref.collect.GradientOracle``).
+    (a ``loram_ref.statistics.collect.GradientOracle``).
 
     Per sample the loss is ``ℓ(x) = ‖(W_eff − W − ΔW*)·x‖²``; at ``W_eff = W`` its gradient
     is ``−2·ΔW*·x·xᵀ`` and its output gradient ``−2·ΔW*·x``. ``exact``: expectations over

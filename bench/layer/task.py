@@ -8,11 +8,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import loram_ref
-
-from .problem import ProblemSpec
+from bench.layer.problem import ProblemSpec
 
 #: ``--gradients``: exact expectations over the input distribution, or sampled mini-batches.
-GRADIENTS = ("exact", "sampled")
+from bench.layer.spec import GRADIENTS  # noqa: E402,F401
 
 
 @dataclass(frozen=True)

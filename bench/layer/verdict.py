@@ -1,7 +1,7 @@
 """The layer-loss verdict: per shape and alignment, and the findings across them.
 
 Per (shape, alignment) configuration the model-level verdict applies unchanged
-(``bench.loss.verdict.verdict_for``): final normalized error per (initializer, lr) with its
+(``bench.core.paired.verdict_for``): final normalized error per (initializer, lr) with its
 95 % CI over seeds, each initializer's best lr, the paired difference to ``noise_zeros``
 with Holm-adjusted p, and tied places. Across configurations two findings, each with an
 interval, answer the task's two questions:
@@ -31,8 +31,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sstats
 
-from ..loss.verdict import CONFIDENCE, Interval, LossVerdict, verdict_for
-from ..suites import LOSS_REFERENCE
+from bench.core.defaults import LOSS_REFERENCE
+from bench.core.intervals import Interval, t_quantile
+from bench.core.paired import LossVerdict, verdict_for
 
 STATS_FILE = "layer_loss_stats.csv"
 FINDINGS_FILE = "layer_loss_findings.csv"
@@ -112,7 +113,7 @@ def _slope(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     fit = sstats.linregress(x, y)
     if n < 3:
         return float(fit.slope), math.nan, math.nan
-    half = float(sstats.t.ppf((1 + CONFIDENCE) / 2, n - 2) * fit.stderr)
+    half = t_quantile(n - 2) * float(fit.stderr)
     return float(fit.slope), float(fit.slope) - half, float(fit.slope) + half
 
 
@@ -216,7 +217,7 @@ def layer_verdict(rows: list[dict[str, Any]], reference: str = LOSS_REFERENCE) -
 def write_layer_verdict(rows: list[dict[str, Any]], out: Path, reference: str = LOSS_REFERENCE) -> LayerVerdict | None:
     """``layer_loss_stats.csv`` (per configuration, initializer and lr) and
     ``layer_loss_findings.csv``; the tidy ``layer_loss.csv`` of every run."""
-    from ..results import export
+    from bench.core.results import export
 
     export([{k: v for k, v in r.items() if k not in ("loss", "update_norm", "train_loss", "spec")}
             for r in rows if r.get("kind") == "layer_loss"], Path(out), "layer_loss")

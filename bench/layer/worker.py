@@ -11,7 +11,6 @@ with the task as JSON on stdin.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -23,14 +22,13 @@ from typing import Any
 import torch
 
 import loram_ref
+from bench.core.environment import loram_ref_fingerprint, worker_environment
+from bench.core.measure import cpu_peak, gpu_peak
+from bench.core.protocol import PHASE, begin_setup, serve
+from bench.layer.factored import AdapterState, gram_norm_sq, train_layer
+from bench.layer.problem import LayerProblem, Target, stable_seed
+from bench.layer.task import LayerTask
 from loram_ref import CollectContext, Invariant, LoraInit
-
-from ..environment import loram_ref_fingerprint, worker_environment
-from ..measure import cpu_peak, gpu_peak
-from ..worker import PHASE, begin_setup, serve
-from .factored import AdapterState, gram_norm_sq, train_layer
-from .problem import LayerProblem, Target, stable_seed
-from .task import LayerTask
 
 #: Threads of the training phase. A step is a handful of GEMMs with c = 2r + k <= 40 columns,
 #: where waking the workers' passive OpenMP pool costs more than a second core gives
@@ -44,19 +42,16 @@ PROBE_INPUTS = 4
 
 def statistics_samples(task: LayerTask, kind: loram_ref.StatisticsKind) -> int:
     """How many inputs a statistics pass of ``kind`` reads (``--sb-samples``; LoRA-DA's tokens, 2·n by default)."""
-    return {"lora_sb": task.sb_samples, "lora_da": task.da_tokens or 2 * task.d_in}.get(kind.name, kind.default_samples)
+    return {loram_ref.Statistics.LORA_SB: task.sb_samples,
+            loram_ref.Statistics.LORA_DA: task.da_tokens or 2 * task.d_in}.get(kind, kind.default_samples)
 
 
 def _init_kwargs(spec: loram_ref.InitializerSpec, task: LayerTask, device: torch.device) -> dict[str, Any]:
     """The run's seed as a generator where the method draws; no separate finiteness pass
     (the benchmark's convention: the weight is finite by construction)."""
-    params = inspect.signature(spec.fn).parameters
-    kwargs: dict[str, Any] = dict(task.options)
-    if "generator" in params:
-        kwargs["generator"] = torch.Generator(device=device).manual_seed(stable_seed("init", task.seed, task.initializer))
-    if "check_input" in params:
-        kwargs["check_input"] = False
-    return kwargs
+    generator = (torch.Generator(device=device).manual_seed(stable_seed("init", task.seed, task.initializer))
+                 if "generator" in spec.harness else None)
+    return {**task.options, **spec.harness_kwargs(generator=generator, check_input=False)}
 
 
 def _residual_probe(init: LoraInit, weight: torch.Tensor, target: Target, gen: torch.Generator) -> float:

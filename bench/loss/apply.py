@@ -13,7 +13,6 @@ PEFT adapter with ``lora_A = R·A``.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import loram_ref
+from loram_ref.linalg import gram_norm_sq
 
 
 class LeftMultiply(nn.Module):
@@ -75,11 +75,11 @@ def apply_initializer(
             if stats is None or layer_name not in stats:
                 raise ValueError(f"{name} needs layer statistics; none collected for {layer_name}")
             kwargs["stats"] = stats[layer_name]
-        params = inspect.signature(spec.fn).parameters
-        if "generator" in params:
-            kwargs["generator"] = torch.Generator(device=weight.device).manual_seed(_layer_seed(seed, index))
-        if "module" in params:  # the layer's name in the base model (LoRA-DA's official per-module seeds)
-            kwargs.setdefault("module", layer_name.removeprefix("base_model.model."))
+        generator = (torch.Generator(device=weight.device).manual_seed(_layer_seed(seed, index))
+                     if "generator" in spec.harness else None)
+        # the layer's name in the base model: LoRA-DA's official per-module seeds (an option may set it)
+        module = None if spec.harness.get("module") in kwargs else layer_name.removeprefix("base_model.model.")
+        kwargs.update(spec.harness_kwargs(generator=generator, module=module))
         original = weight.detach().clone()
         t0 = time.perf_counter()
         init = spec.fn(weight.detach(), rank, scaling, **kwargs)
@@ -126,7 +126,7 @@ def product_diff_norm_sq(b1, a1, b0, a0) -> float:
     """
     x = torch.cat([b1, -b0], dim=1).double()
     y = torch.cat([a1, a0], dim=0).double()
-    return float(((x.mT @ x) * (y @ y.mT)).sum().clamp(min=0.0))
+    return float(gram_norm_sq(x, y.mT).clamp(min=0.0))
 
 
 def update_norm(model, snapshot: list[tuple[torch.Tensor, torch.Tensor, float]], adapter: str = "default") -> float:

@@ -10,14 +10,13 @@ diagnostics, final losses, area under the eval curve). At the end the verdict ov
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,116 +24,18 @@ import torch
 from tqdm import tqdm
 
 import loram_ref
+from bench.core.environment import environment
+from bench.core.results import append_rows, done_keys, export_kind, resume, timestamp
+from bench.core.rows import LOSS_SUMMARY
+from bench.loss.apply import apply_initializer, lora_layers, merge_lora_sb
+from bench.loss.config import AUTOCASTS, SCALINGS, LossConfig  # noqa: F401  (the command's grid)
+from bench.loss.data import Blocks, load_corpus, make_blocks
+from bench.loss.hardware import bf16_supported  # noqa: F401
+from bench.loss.model import TARGETS, ModelSource, local_source, quiet_transformers, smollm2_source
+from bench.loss.stats_pass import Collected, collect_statistics
+from bench.loss.train import eval_loss, train
+from bench.loss.verdict import write_verdict
 from loram_ref import CollectContext, StatisticsKind
-
-from ..checks import check_threads
-from ..environment import environment
-from ..results import append_rows, check_writable, export_kind, read_rows, repair
-from ..schema import SCHEMA_VERSION
-from ..suites import DEFAULT_LOSS_INITIALIZERS, check_seeds_and_lrs
-from .apply import apply_initializer, lora_layers, merge_lora_sb
-from .collect import Collected, collect_statistics
-from .data import Blocks, load_corpus, make_blocks
-from .model import TARGETS, ModelSource, local_source, quiet_transformers, smollm2_source
-from .train import eval_loss, train
-from .verdict import write_verdict
-
-
-#: ``--scaling``: every initializer at the shared ``alpha``, or each at its published one.
-SCALINGS = ("shared", "published")
-#: ``--autocast``: bf16 autocast where the processor has bf16 arithmetic, or always / never.
-AUTOCASTS = ("auto", "bfloat16", "none")
-
-
-@dataclass
-class LossConfig:
-    """One loss experiment: a grid of (initializer, learning rate, seed) runs that share
-    everything else. A run is identified by ``key()`` plus its (initializer, lr, seed)."""
-
-    initializers: list[str] = field(default_factory=lambda: list(DEFAULT_LOSS_INITIALIZERS))
-    seeds: list[int] = field(default_factory=lambda: [0])
-    lrs: list[float] = field(default_factory=lambda: [1e-3])
-    steps: int = 40
-    batch_size: int = 4
-    seq_len: int = 64
-    rank: int = 8
-    alpha: float = 8.0
-    scaling: str = "shared"  # "published": each initializer's PublishedScaling from the registry
-    eval_every: int = 5
-    eval_blocks: int = 8  # a fixed held-out subset, the same for every run: bounded eval cost
-    device: str = "cpu"
-    dtype: str = "float32"
-    autocast: str = "auto"
-    model_path: Path | None = None
-    data: Path | None = None
-    threads: int = 0
-    sb_samples: int = 8
-    da_samples: int = 32  # x seq_len tokens; Z (n x n) needs tokens >= n to be well conditioned
-    sb_warmup_ratio: float = 0.02  # LoRA-SB's η_eff = lr / (warmup_ratio · #batches · epochs), the repo's formula
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-initializer kwargs
-    save_adapters: Path | None = None  # save each trained adapter (and its residual base weights) here
-
-    def validate(self) -> None:
-        if not self.initializers:
-            raise ValueError("--initializers is empty: name at least one (see `loram-bench list`)")
-        for name in self.initializers:
-            loram_ref.get_initializer(name)
-        for key in ("steps", "batch_size", "seq_len", "rank", "eval_every", "eval_blocks", "sb_samples", "da_samples"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{key.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        check_seeds_and_lrs(self.seeds, self.lrs)
-        if len(set(self.initializers)) != len(self.initializers):
-            raise ValueError(f"--initializers lists a value twice: {self.initializers}")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"--alpha must be finite and > 0, got {self.alpha}")
-        if self.scaling not in SCALINGS:
-            raise ValueError(f"--scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
-        if self.autocast not in AUTOCASTS:
-            raise ValueError(f"--autocast must be one of {', '.join(AUTOCASTS)}, got {self.autocast!r}")
-        check_threads(self.threads, device="cpu" if self.device == "cpu" else "cuda")
-
-    def stats_samples(self, kind: StatisticsKind) -> int:
-        """How many training blocks the statistics pass of ``kind`` reads (``--sb-samples``, ``--da-samples``)."""
-        return {"lora_sb": self.sb_samples, "lora_da": self.da_samples}.get(kind.name, kind.default_samples)
-
-    def lora_setup(self, name: str) -> tuple[float, bool]:
-        """``(lora_alpha, use_rslora)`` of ``name``'s runs: the shared alpha, or its published setup."""
-        if self.scaling == "shared":
-            return float(self.alpha), False
-        published = loram_ref.get_initializer(name).published
-        return published.lora_alpha(self.rank), published.rslora
-
-    def autocast_dtype(self) -> str:
-        """The resolved ``--autocast``: "bfloat16" or "none" (``auto``: bf16 where the hardware has it)."""
-        if self.autocast != "auto":
-            return self.autocast
-        if self.dtype != "float32":
-            return "none"
-        return "bfloat16" if bf16_supported(self.device) else "none"
-
-    def key(self, model_name: str, data_sha: str) -> str:
-        """What every run of the grid shares (not the initializer, lr or seed: those name the run)."""
-        skip = ("initializers", "seeds", "lrs", "threads", "save_adapters", "autocast")
-        fields = {k: str(v) for k, v in asdict(self).items() if k not in skip}
-        fields["autocast"] = self.autocast_dtype()
-        blob = json.dumps({**fields, "model": model_name, "data": data_sha}, sort_keys=True)
-        return hashlib.sha1(blob.encode()).hexdigest()[:16]
-
-
-def bf16_supported(device: str) -> bool:
-    """Whether ``device`` computes in bf16 natively (CPU: AVX512-BF16 or AMX, via oneDNN)."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def run_id(initializer: str, lr: float, seed: int) -> tuple[str, float, int]:
-    """A run's identity within its configuration."""
-    return initializer, float(lr), int(seed)
 
 
 @dataclass
@@ -190,14 +91,12 @@ def run_loss(config: LossConfig, out: Path, *, progress: bool = True, source: Mo
         raise ValueError(f"{source.name} has none of the target linear layers {TARGETS}")
 
     path = out / "loss.jsonl"
-    check_writable(path)
-    repair(path)
-    rows = read_rows(path)
+    rows = resume(path)
     key = config.key(source.name, corpus.sha256)
-    done = {run_id(r["initializer"], r["lr"], r["seed"]) for r in rows
-            if r.get("kind") == "loss_summary" and r.get("config_key") == key}
+    done = done_keys(rows, LOSS_SUMMARY)
     grid = [(seed, name, lr) for seed in config.seeds for name in config.initializers for lr in config.lrs]
-    pending = [g for g in grid if run_id(g[1], g[2], g[0]) not in done]
+    pending = [g for g in grid
+               if LOSS_SUMMARY.key_of({"config_key": key, "initializer": g[1], "lr": float(g[2]), "seed": int(g[0])}) not in done]
     if len(pending) < len(grid):
         print(f"loss: {len(grid) - len(pending)} of {len(grid)} runs already done for this configuration, skipped",
               file=sys.stderr)
@@ -304,7 +203,7 @@ def _rows(name, meta, curve, layers, init_seconds, collected, model, stats_info)
     env = environment()
     # run_uid ties a run's step rows to its summary: readers keep steps only of runs whose
     # summary was written, so a run cut off mid-write is measured again, never doubled
-    common = {"schema_version": SCHEMA_VERSION, "initializer": name, "run_uid": uuid.uuid4().hex[:12], **meta}
+    common = {"schema_version": LOSS_SUMMARY.version, "initializer": name, "run_uid": uuid.uuid4().hex[:12], **meta}
     steps = [
         {"kind": "loss", **common, "step": i + 1, "train_loss": curve.train_loss[i], "eval_loss": curve.eval_loss[i],
          "update_norm": curve.update_norm[i], "step_s": curve.step_seconds[i]}
@@ -315,7 +214,7 @@ def _rows(name, meta, curve, layers, init_seconds, collected, model, stats_info)
     evals = [v for v in curve.eval_loss if not math.isnan(v)]
     summary = {
         "kind": "loss_summary", **common, **env,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "timestamp": timestamp(),
         "init_seconds": init_seconds,
         "init_layer_seconds": sum(l.seconds for l in layers),
         "layers": len(layers),
@@ -324,7 +223,7 @@ def _rows(name, meta, curve, layers, init_seconds, collected, model, stats_info)
         "stats_samples": collected.samples if collected else 0,
         "stats_peak_cpu_extra_bytes": collected.peak_cpu_extra_bytes if collected else 0,
         "stats_peak_gpu_allocated_bytes": collected.peak_gpu_allocated_bytes if collected else 0,
-        # step-0 diagnostics (spec §9): ‖W_eff - W‖_F over all layers and ‖s·B·A‖_F/‖W‖_F
+        # step-0 diagnostics (docs/initializers.md §9): ‖W_eff - W‖_F over all layers and ‖s·B·A‖_F/‖W‖_F
         "step0_shift_norm": math.sqrt(sum(l.shift_norm**2 for l in layers)),
         "step0_delta_rel_norm": math.sqrt(sum(l.delta_norm**2 for l in layers) / w_sq) if w_sq else 0.0,
         "step0_eval_loss": curve.eval_loss_step0,

@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from .apply import snapshot_factors, update_norm
-from .data import Blocks
+from bench.loss.apply import snapshot_factors, update_norm
+from bench.loss.data import Blocks
 
 
 @dataclass

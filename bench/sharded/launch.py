@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..children import child_env
-from ..launchers import WORKER_ENV
-from ..measure import _status_kib
-from ..results import read_rows
-from ..schema import CRASHED, FAILED, TIMEOUT
-from .tasks import ShardedTask
+from bench.core.children import child_env
+from bench.core.launchers import WORKER_ENV
+from bench.core.measure import status_kib
+from bench.core.results import read_rows
+from bench.core.rows import CRASHED, FAILED, TIMEOUT
+from bench.sharded.tasks import ShardedTask
 
 POLL_S = 0.2
 
@@ -76,7 +76,7 @@ def _peaks_so_far(events: dict[int, list[dict[str, Any]]], key: str, world: int)
     out: list[int | None] = []
     for rank in range(world):
         measured = [e for e in events.get(rank, []) if e.get("event") == "measure" and e.get("task_key") == key]
-        hwm = _status_kib("VmHWM", measured[-1]["pid"]) if measured else None
+        hwm = status_kib("VmHWM", measured[-1]["pid"]) if measured else None
         out.append(max(0, hwm * 1024 - measured[-1]["entry_rss"]) if hwm is not None else None)
     return out
 
@@ -106,7 +106,7 @@ class ShardedLauncher:
 
     def environment(self, threads: int) -> dict[str, str]:
         """The ranks' environment: the init workers' allocator and OpenMP settings, ``threads`` per
-        rank, the working folder off the import path (``bench.children``)."""
+        rank, the working folder off the import path (``bench.core.children``)."""
         return child_env({**WORKER_ENV, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
 
     def launch(self, tasks: list[ShardedTask], plan: dict[str, Any], folder: Path, limit_s: float,

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..environment import environment
-from ..checks import check_fits, check_threads, check_world_size
-from ..results import append_row, check_writable, new_run_id, read_rows, repair
-from ..schema import CRASHED, OK, TIMEOUT
-from .launch import LaunchOutcome, ShardedLauncher
-from .plugins import load_plugins
-from ..tasks import ITEMSIZE
-from .tasks import PLACEMENTS, ShardedRow, ShardedTask
+from bench.core.checks import check_fits, check_threads, check_world_size
+from bench.core.environment import environment
+from bench.core.results import append_row, done_keys, new_run_id, read_rows, resume
+from bench.core.rows import CRASHED, OK, SHARDED
+from bench.core.shapes import ITEMSIZE
+from bench.sharded.launch import LaunchOutcome, ShardedLauncher
+from bench.sharded.plugins import load_plugins
+from bench.sharded.tasks import PLACEMENTS, ShardedRow, ShardedTask
 
 RESULTS_FILE = "sharded.jsonl"
 #: Failed launches keep their torchrun output here, under the results folder.
@@ -89,18 +89,6 @@ class ShardedConfig:
                 for name in self.initializers]
 
 
-def done_keys(rows: list[dict[str, Any]], limit_s: float) -> set[str]:
-    """Tasks that need no new launch: measured, or timed out under a limit at least as large
-    (a larger ``--limit`` retries them). Crashes and failures are always retried."""
-    done = set()
-    for r in rows:
-        if r.get("kind") != "sharded":
-            continue
-        if r.get("status") == OK or (r.get("status") == TIMEOUT and (r.get("limit_s") or 0) >= limit_s):
-            done.add(r["task_key"])
-    return done
-
-
 def describe(row: dict[str, Any]) -> str:
     """One line per finished row (the progress output)."""
     head = f"{row['initializer']:<12} {row['shape']:>11} ws={row['world_size']} {row['placement']:<3}"
@@ -125,9 +113,7 @@ def run_sharded(config: ShardedConfig, out: Path, *, launcher: ShardedLauncher |
     (this run's carry ``run_id``)."""
     tasks = config.tasks()
     path = Path(out) / RESULTS_FILE
-    check_writable(path)
-    repair(path, say)
-    done = done_keys(read_rows(path), config.limit_s)
+    done = done_keys(resume(path, say), SHARDED, config.limit_s)
     pending = [t for t in tasks if t.key not in done]
     if len(pending) < len(tasks):
         say(f"{len(tasks) - len(pending)} of {len(tasks)} sharded rows already in {path}; measuring {len(pending)}")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..schema import SCHEMA_VERSION
-from ..tasks import ITEMSIZE
+from bench.core.results import timestamp
+from bench.core.rows import SHARDED
+from bench.core.shapes import ITEMSIZE
 
 #: ``--placement`` values and the DTensor dimension each shards.
 PLACEMENTS = {"row": 0, "col": 1}
@@ -44,8 +44,7 @@ class ShardedTask:
     @property
     def key(self) -> str:
         """Identity for resuming: what is measured (not how often)."""
-        return (f"sharded|{self.initializer}|{self.d_out}x{self.d_in}|r{self.rank}|s{self.scaling:g}|ws{self.world_size}|"
-                f"{self.placement}|{self.device}|{self.dtype}|t{self.threads}|seed{self.seed}")
+        return SHARDED.identity_key(asdict(self))
 
     @property
     def dim(self) -> int:
@@ -97,14 +96,14 @@ class ShardedRow:
     limit_s: float | None = None
     run_id: str = ""
     environment: dict[str, Any] = field(default_factory=dict)
-    timestamp: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    timestamp: str = field(default_factory=timestamp)
 
     def to_row(self) -> dict[str, Any]:
         t = self.task
         max_diff = max(self.diffs.values()) if self.diffs else None
         return {
             "kind": "sharded",
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SHARDED.version,
             "run_id": self.run_id,
             "timestamp": self.timestamp,
             "task_key": t.key,

@@ -4,7 +4,7 @@ The plan lists the tasks of this launch (one world size, one device), the result
 a progress folder. Per task, every rank builds its own shard of the benchmark weight
 (``bench.sharded.weights``), wraps it as a DTensor, and then:
 
-1. the cold call, each rank's peak memory measured around it (``bench.measure``);
+1. the cold call, each rank's peak memory measured around it (``bench.core.measure``);
 2. ``repeats`` timed calls, each started at a barrier, the shard restored before each;
 3. the check: the result gathered, rank 0 runs the single-process initializer on the whole
    weight and records the largest differences.
@@ -33,15 +33,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 import loram_ref
+from bench.core.measure import cpu_peak, gpu_peak
+from bench.core.protocol import failure_message
+from bench.core.results import append_row
+from bench.core.rows import OK
+from bench.sharded.plugins import load_plugins
+from bench.sharded.tasks import ShardedRow, ShardedTask
+from bench.sharded.weights import full_weight, weight_block
 from loram_ref.sharded import SHARDED, Collectives, Layout, Ledger
-
-from ..measure import cpu_peak, gpu_peak
-from ..results import append_row
-from ..schema import OK
-from ..worker import failure_message
-from .plugins import load_plugins
-from .tasks import ShardedRow, ShardedTask
-from .weights import full_weight, weight_block
 
 PHASE = {"now": "setup"}
 

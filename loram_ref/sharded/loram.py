@@ -1,4 +1,4 @@
-"""LoRAM on a sharded weight: one all-reduced scalar, no randomness crosses ranks (spec §5).
+"""LoRAM on a sharded weight: one all-reduced scalar, no randomness crosses ranks (docs/initializers.md §5).
 
 ``‖W‖_F²`` is the sum of the shards' squared norms (one all-reduced float64); ``β`` and
 ``Q`` follow on every rank (paper Eq. 11-12). The basis rows a rank needs are computed
@@ -80,7 +80,7 @@ def _loram_sharded(name: str, weight: DTensor, rank: int, scaling: float, inplac
 )
 def loram_dst(weight: DTensor, rank: int, scaling: float = 1.0, *, inplace: bool = False,
               comm: Collectives | None = None) -> ShardedLoraInit:
-    """:func:`loram_ref.loram.loram_dst` on a sharded weight (paper Algorithm 1; spec §5).
+    """:func:`loram_ref.loram.loram_dst` on a sharded weight (paper Algorithm 1; docs/initializers.md §5).
 
     Per rank: one read of its shard for ``‖W‖²`` and one read-write for its block of the
     residual; ``O((m/p + n)·r)`` extra memory under ``Shard(0)`` (``O((m + n/p)·r)`` under
@@ -103,7 +103,7 @@ def loram_dst(weight: DTensor, rank: int, scaling: float = 1.0, *, inplace: bool
 )
 def loram_rorth(weight: DTensor, rank: int, scaling: float = 1.0, *, generator: torch.Generator | None = None,
                 seed: int = 0, inplace: bool = False, comm: Collectives | None = None) -> ShardedLoraInit:
-    """:func:`loram_ref.loram.loram_rorth` on a sharded weight (paper §4.3; spec §5 "Variants").
+    """:func:`loram_ref.loram.loram_rorth` on a sharded weight (paper §4.3; docs/initializers.md §5 "Variants").
 
     The basis is identical on every rank because every rank draws it itself: a generator
     seeded with ``seed`` (or the caller's, which must be in the same state on every rank)

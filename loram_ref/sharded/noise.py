@@ -1,4 +1,4 @@
-"""Noise-zeros on a sharded weight: ``A`` drawn whole from the seed on every rank (spec §1).
+"""Noise-zeros on a sharded weight: ``A`` drawn whole from the seed on every rank (docs/initializers.md §1).
 
 The single-process initializer never reads ``W``, only its shape, so every rank runs it on
 a zero-memory stand-in of the global shape (:func:`layout.shape_proxy`): the same

@@ -1,4 +1,4 @@
-"""PiSSA on a sharded weight: a distributed randomized SVD, and the gather baseline (spec §2)."""
+"""PiSSA on a sharded weight: a distributed randomized SVD, and the gather baseline (docs/initializers.md §2)."""
 
 from __future__ import annotations
 
@@ -99,12 +99,12 @@ _SVD_TOLERANCE = {torch.float32: 2e-4, torch.float64: 1e-9, torch.bfloat16: 2e-2
 def pissa_rsvd(weight: DTensor, rank: int, scaling: float = 1.0, *, niter: int = 4,
                generator: torch.Generator | None = None, seed: int = 0, inplace: bool = False, check_input: bool = True,
                comm: Collectives | None = None) -> ShardedLoraInit:
-    """:func:`loram_ref.pissa.pissa_rsvd` on a sharded weight, nothing gathered (spec §2).
+    """:func:`loram_ref.pissa.pissa_rsvd` on a sharded weight, nothing gathered (docs/initializers.md §2).
 
     The triplets come from :func:`sharded_randomized_svd` (``q = r``, no oversampling, as
     PEFT); each triplet's sign is fixed so that the largest entry of ``U_j`` is positive
     (:func:`column_signs`), so every rank holds the same factors whatever the world size.
-    Then spec §2 steps 3-5 on this rank's block, in fp32: ``A = diag(√(σ/s))·Vᵀ``,
+    Then docs/initializers.md §2 steps 3-5 on this rank's block, in fp32: ``A = diag(√(σ/s))·Vᵀ``,
     ``B = U·diag(√(σ/s))``, ``W_res = W − s·B·A``. Per rank: ``2·niter + 2`` passes over its
     shard (the sketch's GEMMs), one fp32 copy of the shard (the residual), ``O((m + n)·r)``
     more.

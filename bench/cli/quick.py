@@ -1,0 +1,76 @@
+"""The suites: ``quick`` (``tox -e bench``) and ``full`` (``tox -e bench-full``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from bench.cli.args import add_common_run_args
+from bench.cli.loss import print_layer_verdict, print_verdict
+from bench.cli.report import write_report
+
+
+def cmd_full(args) -> int:
+    from bench.cli.suites import FULL_LAYER, FULL_LOSS
+    from bench.layer.run import run_layer_loss
+    from bench.layer.verdict import layer_verdict
+    from bench.loss.run import run_loss
+
+    started = time.perf_counter()
+    layer = FULL_LAYER.config(threads=args.threads)
+    print(f"full suite, layer level: {len(layer.layer_shapes())} shapes x {len(layer.initializers)} initializers x "
+          f"{len(layer.alignments)} alignments x {len(layer.lrs)} lrs x {len(layer.seeds)} seeds x {layer.steps} steps",
+          flush=True)
+    layer_rows = run_layer_loss(layer, args.out, progress=not args.no_progress)
+    print(f"layer level done in {time.perf_counter() - started:.0f} s", flush=True)
+    config = FULL_LOSS.config(threads=args.threads)
+    print(f"full suite, model level: {len(config.initializers)} initializers x {len(config.lrs)} lrs x "
+          f"{len(config.seeds)} seeds x {config.steps} steps into {args.out}", flush=True)
+    rows = run_loss(config, args.out, progress=not args.no_progress)
+    print_layer_verdict(layer_verdict(layer_rows), args.out)
+    print_verdict(rows, args.out)
+    path = write_report(args.out, args.out / "report.html", title="loram-bench full suite")
+    print(f"full suite done in {time.perf_counter() - started:.0f} s")
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+def cmd_quick(args) -> int:
+    from bench.cli.suites import run_quick
+
+    started = time.perf_counter()
+    parts = run_quick(args.out, progress=not args.no_progress, skip_loss=args.skip_loss, baseline=args.baseline)
+    if not args.skip_loss:
+        from bench.core.results import read_rows
+        from bench.layer.verdict import layer_verdict
+
+        print_layer_verdict(layer_verdict(read_rows(args.out / "layer_loss.jsonl")), args.out)
+        print_verdict(read_rows(args.out / "loss.jsonl"), args.out)
+    path = write_report(args.out, args.out / "report.html")
+    for line, _ in parts:
+        print(line)
+    print(f"quick suite done in {time.perf_counter() - started:.0f} s")
+    print(f"report: {path.resolve()}")
+    failed = [line.split(" this run")[0] for line, all_failed in parts if all_failed]
+    if failed:
+        print(f"error: every one of the {' and '.join(failed)} failed; the reason column of each row says why",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def setup_arguments(sub: argparse._SubParsersAction, **_) -> None:
+    p = sub.add_parser("full", help="the full loss suites of `tox -e bench-full`: the layer task at every 7B and 70B "
+                                    "shape, and the model-level grid (all initializers x 3 lrs x 3 seeds), report")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_common_run_args(p)
+    p.set_defaults(func=cmd_full)
+
+    p = sub.add_parser("quick", help="the quick suite of `tox -e bench`: init cost, loss runs, report")
+    p.add_argument("--skip-loss", action="store_true", help="init cost only: no layer task, no loss runs")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="also measure every init cell into this folder, interleaved (an A/A pair for compare)")
+    add_common_run_args(p)
+    p.set_defaults(func=cmd_quick)
