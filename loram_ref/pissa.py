@@ -183,7 +183,7 @@ def pissa_rsvd(
     The top-r triplets come from :func:`loram_ref.linalg.randomized_svd` with ``q = r``
     (no oversampling, as PEFT: docs/initializers.md §2 resolution a) and ``niter`` subspace iterations;
     the rest is as :func:`pissa`. A generator in the state of the global RNG reproduces
-    PEFT's ``torch.svd_lowrank`` draw. Default ``niter=4`` is the PiSSA README's example
+    PEFT's ``torch.svd_lowrank`` draw. Default ``niter=4`` is the PiSSA authors' example
     (the training scripts use 16). Invariant (F) holds exactly; only the subspace is
     approximate.
     """

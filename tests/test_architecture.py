@@ -158,7 +158,8 @@ def test_every_flag_has_help_and_shows_its_default():
                 continue
             if not action.help:
                 missing.append(f"{command} {'/'.join(action.option_strings) or action.dest}: no help")
-            elif action.option_strings and not isinstance(action, argparse._StoreTrueAction) \
+            elif action.option_strings and not action.required \
+                    and not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) \
                     and "(default: " not in formatter._get_help_string(action):
                 missing.append(f"{command} {action.option_strings[0]}: no default shown")
     assert missing == []
@@ -211,3 +212,13 @@ def test_harness_keywords_are_declared_not_guessed():
     finally:
         INITIALIZERS.pop("drawn")
     assert "forgot" not in INITIALIZERS
+
+
+def test_the_suites_register_every_worker_before_the_fork_server_starts():
+    """The quick suite starts the fork server with its init cells; the layer task's worker
+    module must be preloaded by then (its AdamW import costs a cold worker 1.3 s)."""
+    code = ("import bench.cli.suites\nfrom bench.core import launchers\n"
+            "assert launchers._FORK_SERVER is None\nprint(sorted(launchers._PRELOAD))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "'bench.initcost.worker'" in out.stdout and "'bench.layer.worker'" in out.stdout, out.stdout

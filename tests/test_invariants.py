@@ -16,9 +16,10 @@ NAMES = sorted(loram_ref.INITIALIZERS)
 
 
 def test_registry_has_every_initializer_of_the_mission():
-    assert set(NAMES) == {
+    """The mission's eight are registered (a new initializer registers by its module existing)."""
+    assert {
         "noise_zeros", "gaussian", "pissa", "pissa_rsvd", "lora_sb", "lora_da", "loram_dst", "loram_rorth",
-    }
+    } <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -57,20 +57,29 @@ def add_flags(parser: argparse.ArgumentParser, config: type, *, parsers: dict[st
         if meta.get("parse"):
             kwargs["type"] = parsers[meta["parse"]]
         elif kind is bool:
-            if kwargs["default"] is not False:
-                raise TypeError(f"{config.__name__}.{field.name}: a boolean flag must default to False")
-            kwargs["action"] = "store_true"
+            if kwargs["default"] is True and not meta.get("flag"):
+                raise TypeError(f"{config.__name__}.{field.name}: a boolean that defaults to True needs a flag that "
+                                "turns it off (flag='--no-...')")
+            kwargs["action"] = "store_false" if kwargs["default"] is True else "store_true"
         elif kind in (int, float, str, Path):
             kwargs["type"] = kind
         named = meta.get("choices")
         if named is not None:
             kwargs["choices"] = (choices or {})[named] if isinstance(named, str) else list(named)
+            if isinstance(named, str):  # a long list (the registered initializers): named, not spelled, in the usage
+                kwargs["metavar"] = "NAME"
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
+        if meta.get("required"):
+            kwargs["required"] = True
+            kwargs.pop("default")
         if many and kind is not bool:
             if meta.get("append"):
                 kwargs["action"] = "append"
-                kwargs["default"] = None  # argparse appends to a given default; empty means the field's
+                # argparse appends to a given default, so the flag's is None and the field's is shown
+                shown = " ".join(map(str, kwargs["default"])).replace("%", "%%") or "none"
+                kwargs["default"] = None
+                kwargs["help"] = f"{kwargs['help']} (default: {shown})"
             else:
                 kwargs["nargs"] = "+"
         parser.add_argument(_flag(field), **kwargs)
@@ -95,8 +104,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or action.default is argparse.SUPPRESS or isinstance(
-                action, (argparse._StoreTrueAction, argparse._HelpAction, argparse._SubParsersAction)):
+        if "%(default)" in text or "(default: " in text or action.default is argparse.SUPPRESS or action.required or isinstance(
+                action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction,
+                         argparse._SubParsersAction)):
             return text
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             default = action.default

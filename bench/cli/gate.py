@@ -7,27 +7,24 @@ import argparse
 import math
 from pathlib import Path
 
-from bench.cli.args import check_device, parse_size
-from bench.cli.init import add_cell_flags
+from bench.cli.args import PARSERS, check_device
+from bench.cli.flags import add_flags, from_flags
 from bench.cli.report import gate_table, report
-from bench.gate.rule import GATE_LIMIT_S, GateRule
+from bench.gate.config import ContinuousConfig
+from bench.gate.rule import GateRule
 
 
 def cmd_continuous(args) -> int:
     import loram_ref
-    from bench.core.defaults import QUICK_PRESETS
-    from bench.gate.continuous import ContinuousConfig, run_continuous
+    from bench.gate.continuous import run_continuous
     from bench.gate.plant import parse_slow_down
-    from bench.gate.rule import GateRule
 
     check_device(args.device)
-    config = ContinuousConfig(
-        base_rev=args.base_rev, presets=args.preset or ([] if args.shape else list(QUICK_PRESETS)),
-        shapes=args.shape or [], initializers=args.initializers, rank=args.rank, dtype=args.dtype, device=args.device,
-        threads=args.threads,
-        rule=GateRule(args.screen_rounds, args.confirm_rounds, args.threshold, args.memory_threshold, args.margin),
-        limit_s=args.limit, slow_down=parse_slow_down(args.slow_down, loram_ref.INITIALIZERS),
-        memory_limit_bytes=args.memory_limit, gate_unchanged=args.gate_unchanged)
+    values = {"base_rev": args.base_rev, "rule": from_flags(GateRule, args),
+              "slow_down": parse_slow_down(args.slow_down, loram_ref.INITIALIZERS)}
+    if not args.preset and args.shape:
+        values["presets"] = []  # shapes named and no preset: only those shapes
+    config = from_flags(ContinuousConfig, args, **values)
     result = run_continuous(config, args.out, progress=not args.no_progress, history=args.history)
     print(result.summary())
     rule = config.rule
@@ -49,7 +46,6 @@ def cmd_continuous(args) -> int:
 
 def cmd_gate_error_rates(args) -> int:
     from bench.gate.rates import rate_table
-    from bench.gate.rule import GateRule
 
     if not (math.isfinite(args.factor) and args.factor > 1):
         raise ValueError(f"--factor must be a finite number > 1, got {args.factor}")
@@ -77,27 +73,12 @@ def setup_arguments(sub: argparse._SubParsersAction, names: list[str], **_) -> N
     p = sub.add_parser("continuous", help="regression gate: BASE_REV and the working tree measured interleaved in one "
                                           "job; exit 1 on a confirmed slowdown or memory growth, 3 if unmeasurable")
     p.add_argument("base_rev", metavar="BASE_REV", help="the revision to compare against (e.g. HEAD~1, main, a commit)")
-    add_cell_flags(p, names, "torch threads (0: 2 on CPU)")
-    p.add_argument("--screen-rounds", type=int, default=GateRule.screen_rounds,
-                   help="rounds (one process per side, order alternating) every cell gets")
-    p.add_argument("--confirm-rounds", type=int, default=GateRule.confirm_rounds,
-                   help="fresh rounds a flagged cell gets; it counts only if they flag it again")
-    p.add_argument("--threshold", type=float, default=GateRule.threshold,
-                   help="flag a time ratio beyond 1 + this (or below 1/(1 + this))")
-    p.add_argument("--memory-threshold", type=float, default=GateRule.memory_threshold,
-                   help="flag peak-memory growth beyond this fraction (and 1 MiB)")
-    p.add_argument("--margin", type=float, default=GateRule.margin,
-                   help="confirming rounds' 95%% interval must lie beyond 1 + this")
-    p.add_argument("--limit", type=float, default=GATE_LIMIT_S,
-                   help="seconds a worker may be predicted to take; slower cells are not gated (listed)")
-    p.add_argument("--memory-limit", type=parse_size, default=None, metavar="SIZE", help="cap each worker's extra memory")
+    add_flags(p, ContinuousConfig, parsers=PARSERS, choices={"initializers": names})
+    add_flags(p.add_argument_group("the rule (docs/gate.md)"), GateRule, parsers=PARSERS)
     p.add_argument("--slow-down", action="append", metavar="NAME=FACTOR",
                    help="self-test: make the working tree's NAME slower by FACTOR (e.g. loram_dst=1.3; repeatable)")
-    p.add_argument("--gate-unchanged", action="store_true",
-                   help="also measure initializers whose code is the same on both sides (an A/A study; by default "
-                        "their cells are listed as unchanged and not measured)")
-    p.add_argument("--history", type=Path, default=None, help="history file to append to (default: OUT/history.jsonl)")
-    p.add_argument("--out", type=Path, default=Path("results-gate"), help="output folder (default: results-gate/)")
+    p.add_argument("--history", type=Path, default=None, help="history file to append to (none: OUT/history.jsonl)")
+    p.add_argument("--out", type=Path, default=Path("results-gate"), help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_continuous)
 

@@ -35,7 +35,11 @@ from bench.initcost.pyperf_format import export_init
 from bench.initcost.runner import Runner, run_interleaved
 from bench.initcost.suite import init_tasks
 from bench.initcost.tasks import Task
+from bench.layer.config import LayerConfig
+from bench.layer.run import run_layer_loss  # (registers its worker for preloading before the init cells fork)
 from bench.layer.spec import ALIGNMENTS
+from bench.loss.config import LossConfig
+from bench.loss.run import run_loss
 
 #: The quick suite's init cells: the quick presets, every initializer, CPU fp32, rank 16, few
 #: values; slow cells beyond the limit are skipped by prediction and extrapolated.
@@ -65,8 +69,6 @@ class LossSuite:
         return len(self.initializers) * len(self.lrs) * len(self.seeds)
 
     def config(self, **options: Any):
-        from bench.loss.run import LossConfig
-
         return LossConfig(initializers=list(self.initializers), lrs=list(self.lrs), seeds=list(self.seeds),
                           steps=self.steps, **{**self.overrides, **options})
 
@@ -81,7 +83,7 @@ FULL_LOSS = LossSuite(tuple(sorted(loram_ref.INITIALIZERS)), lrs=(3e-4, 1e-3, 3e
 
 @dataclass(frozen=True)
 class LayerSuite:
-    """A layer-loss grid as data (``bench.layer.run.LayerConfig``'s other fields at their defaults)."""
+    """A layer-loss grid as data (``bench.layer.config.LayerConfig``'s other fields at their defaults)."""
 
     initializers: tuple[str, ...]
     alignments: tuple[str, ...]
@@ -93,8 +95,6 @@ class LayerSuite:
     init_limit_s: float = 60.0
 
     def config(self, **options: Any):
-        from bench.layer.run import LayerConfig
-
         return LayerConfig(presets=list(self.presets), shapes=list(self.shapes), initializers=list(self.initializers),
                            alignments=list(self.alignments), lrs=list(self.lrs), seeds=list(self.seeds),
                            steps=self.steps, init_limit_s=self.init_limit_s, **options)
@@ -145,8 +145,6 @@ def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, base
     print(f"init cost: {len(tasks)} measurements in {time.perf_counter() - started:.0f} s", flush=True)
     parts = [outcome_summary([r for r in read_rows(out / "init.jsonl") if r.get("run_id") == run_id], "init measurements")]
     if not skip_loss:
-        from bench.layer.run import run_layer_loss
-        from bench.loss.run import run_loss
 
         layer_started = time.perf_counter()
         layer_rows = run_layer_loss(QUICK_LAYER.config(threads=threads), out, progress=progress, run_id=run_id)

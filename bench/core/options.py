@@ -22,21 +22,23 @@ PARSERS = ("shape", "size")
 
 def option(default: Any = dataclasses.MISSING, *, help: str, factory: Callable[[], Any] | None = None,
            flag: str | None = None, choices: tuple | str | None = None, parse: str | None = None,
-           metavar: str | None = None, append: bool = False, cli: bool = True) -> Any:
+           metavar: str | None = None, append: bool = False, required: bool = False, cli: bool = True) -> Any:
     """A config field with what its flag needs.
 
     ``help`` says what the field does (the flag's help; the default is shown beside it);
     ``flag`` names the flag when it is not ``--field-name``; ``choices`` are the allowed
     values (``"initializers"``: the registered initializer names); ``parse`` names a value
     parser of :data:`PARSERS`; ``append`` makes a repeatable flag (``--preset a --preset b``)
-    instead of one taking several values; ``cli=False`` keeps the field off the command line.
+    instead of one taking several values; ``required`` makes the flag mandatory; ``cli=False``
+    keeps the field off the command line. A boolean that defaults to True needs a ``flag``
+    that turns it off (``--no-check``).
     """
     if not help:
         raise ValueError("every option needs its help text")
     if parse is not None and parse not in PARSERS:
         raise ValueError(f"parse must be one of {PARSERS}, got {parse!r}")
     metadata = {"help": help, "flag": flag, "choices": choices, "parse": parse, "metavar": metavar,
-                "append": append, "cli": cli}
+                "append": append, "required": required, "cli": cli}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -28,12 +28,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Iterable
 
 from bench.core import rows as kinds
 from bench.core.rows import CRASHED, FAILED, OK, OOM, SKIPPED, TIMEOUT, RowSpec, check_row
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["CRASHED", "FAILED", "OK", "OOM", "SKIPPED", "TIMEOUT", "ResultsFileError", "append_row", "append_rows",
            "check_writable", "done_keys", "export", "export_kind", "new_run_id", "outcome_summary", "read_rows", "rejected_path", "repair", "replace_text",
@@ -254,7 +255,9 @@ def outcome_summary(rows: list[dict[str, Any]], what: str) -> tuple[str, bool]:
     return line, bool(rows) and counts.get(OK, 0) == 0 and failed > 0
 
 
-def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def to_frame(rows: list[dict[str, Any]]) -> "pd.DataFrame":
+    import pandas as pd  # (imported when used: reading and writing rows needs no pandas)
+
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame

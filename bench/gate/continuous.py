@@ -33,14 +33,12 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from bench.core.checks import check_memory_limit, check_threads
-from bench.core.defaults import DEFAULT_RANK, QUICK_PRESETS
 from bench.core.environment import environment, machine_id
 from bench.core.identity import identity
 from bench.core.launchers import Launcher, launcher_for, worker_command
 from bench.core.results import OK, append_row, export, new_run_id, replace_text, resume, timestamp
+from bench.gate.config import GATE_TEMPLATE, RESOLUTION_TARGET, ContinuousConfig  # noqa: F401
 from bench.gate.rule import (
-    GATE_LIMIT_S,
     NOT_GATED,
     REGRESSIONS,
     SAME,
@@ -66,7 +64,6 @@ from bench.initcost.history import append_history
 from bench.initcost.pyperf_format import export_init
 from bench.initcost.runner import predict_worker_s
 from bench.initcost.schema import SCHEMA_VERSION, Measurement, ProcessRun, SchemaError, merge_runs
-from bench.initcost.suite import init_tasks
 from bench.initcost.tasks import Task
 
 ROUNDS_FILE = "continuous.jsonl"
@@ -74,65 +71,6 @@ GATE_STEM = "gate"
 BASE_DIR = "base"
 SCREEN, CONFIRM = "screen", "confirm"
 BASE, NEW = "base", "new"
-#: One process per round: a cold call, a warm-up, then up to 5 values within 1 s (at least 2), the
-#: peaks of those values' calls. The fidelity diagnostic is off: it measures nothing the gate compares.
-GATE_TEMPLATE = Task(initializer="", d_out=1, d_in=1, rank=DEFAULT_RANK, warmups=1, values=5, min_values=2,
-                     value_budget_s=1.0, processes=1, max_fidelity_elements=0)
-#: The slowdown the summary says each cell can or cannot confirm (the issue's power target).
-RESOLUTION_TARGET = 1.3
-
-
-@dataclass
-class ContinuousConfig:
-    """What a gate run measures and how it decides."""
-
-    base_rev: str
-    presets: list[str] = field(default_factory=lambda: list(QUICK_PRESETS))
-    shapes: list[tuple[int, int]] = field(default_factory=list)
-    initializers: list[str] | None = None
-    rank: int = DEFAULT_RANK
-    dtype: str = "float32"
-    device: str = "cpu"
-    threads: int = 0
-    rule: GateRule = field(default_factory=GateRule)
-    limit_s: float = GATE_LIMIT_S
-    slow_down: dict[str, float] = field(default_factory=dict)
-    memory_limit_bytes: int | None = None
-    #: also measure the cells of initializers whose code is the same on both sides (an A/A
-    #: study, the self-test's control cells); by default they are not measured
-    gate_unchanged: bool = False
-
-    @property
-    def kill_after_s(self) -> float:
-        """A worker is killed after this long: well past the prediction limit, so a cell
-        predicted just under it is measured, and a hung one still ends."""
-        return max(60.0, 3 * self.limit_s)
-
-    def tasks(self) -> list[Task]:
-        """The cells, smallest first (cost laws exist before the large shapes come up)."""
-        self.rule.validate()
-        if not (isinstance(self.limit_s, (int, float)) and math.isfinite(self.limit_s) and self.limit_s > 0):
-            raise ValueError(f"--limit must be a finite number of seconds > 0, got {self.limit_s!r}")
-        if not self.presets and not self.shapes:
-            raise ValueError("continuous needs --preset or --shape (default: the quick suite's presets)")
-        check_threads(self.threads, device="cpu" if self.device == "cpu" else "cuda")
-        check_memory_limit(self.memory_limit_bytes)
-        threads = self.threads or _default_threads(self.device)
-        tasks = init_tasks(self.presets, self.initializers, rank=self.rank, dtype=self.dtype, device=self.device,
-                           threads=threads, template=GATE_TEMPLATE, extra_shapes=self.shapes)
-        names = {t.initializer for t in tasks}
-        for name in self.slow_down:
-            if name not in names:
-                raise ValueError(f"--slow-down {name}: {name} is not among the measured initializers")
-        return sorted(tasks, key=lambda t: (t.d_out * t.d_in, t.d_out, t.initializer))
-
-
-def _default_threads(device: str) -> int:
-    import torch
-
-    return min(2, torch.get_num_threads()) if device == "cpu" else 1
-
-
 def side_launcher(tree: Tree, device: str) -> Launcher:
     """Forked from the fork server on CPU (the worker swaps in its tree's ``loram_ref``),
     spawned as ``python -m bench.gate.trees`` elsewhere."""

@@ -31,7 +31,7 @@ confirming rounds could confirm, at the noise they measured) is reported with it
 
 Rounds, not values, are the sample: values of one process are not independent draws. What
 justifies the rule is its measured error rates: ``loram-bench gate-error-rates`` replays
-real A/A rounds (``bench.gate.rates``); the README gives the false-alarm rate per run and
+real A/A rounds (``bench.gate.rates``); docs/gate.md gives the false-alarm rate per run and
 the power at a planted 1.3x slowdown for the defaults.
 """
 
@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from bench.core.intervals import t_half_width
+from bench.core.options import option
 from bench.initcost.metrics import (  # noqa: F401
     FASTER,
     LESS_MEMORY,
@@ -65,15 +66,15 @@ GATE_LIMIT_S = 10.0
 class GateRule:
     """How many rounds each stage takes and when a cell is flagged.
 
-    The defaults are the ones whose error rates the README reports (measured on the
+    The defaults are the ones whose error rates docs/gate.md reports (measured on the
     quick suite's init cells on a 2-core machine).
     """
 
-    screen_rounds: int = 3
-    confirm_rounds: int = 8
-    threshold: float = 0.15
-    memory_threshold: float = 0.05
-    margin: float = 0.10
+    screen_rounds: int = option(3, help="rounds (one process per side, order alternating) every cell gets")
+    confirm_rounds: int = option(8, help="fresh rounds a flagged cell gets; it counts only if they flag it again")
+    threshold: float = option(0.15, help="flag a time ratio beyond 1 + this (or below 1/(1 + this))")
+    memory_threshold: float = option(0.05, help="flag peak-memory growth beyond this fraction (and 1 MiB)")
+    margin: float = option(0.10, help="confirming rounds' 95 %% interval must lie beyond 1 + this")
 
     def validate(self) -> None:
         for flag, value, low in (("--screen-rounds", self.screen_rounds, 1), ("--confirm-rounds", self.confirm_rounds, 2)):

@@ -7,14 +7,14 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from bench.layer.task import LayerTask
-
 from bench.core.checks import check_fits, check_memory_limit, check_seeds_and_lrs, check_threads
 from bench.core.defaults import DEFAULT_LOSS_INITIALIZERS
 from bench.core.options import option
 from bench.core.shapes import model_shapes, unique_shapes
 from bench.layer.spec import ALIGNMENTS, GRADIENTS, SCALINGS, ProblemSpec
+
+if TYPE_CHECKING:
+    from bench.layer.task import LayerTask  # (imported in tasks(): it imports torch)
 
 
 @dataclass

@@ -3,90 +3,22 @@ relaunched past a failure, every outcome a row of ``sharded.jsonl``."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.core.checks import check_fits, check_threads, check_world_size
 from bench.core.environment import environment
 from bench.core.results import append_row, done_keys, new_run_id, read_rows, resume
 from bench.core.rows import CRASHED, OK, SHARDED
-from bench.core.shapes import ITEMSIZE
+from bench.sharded.config import ShardedConfig  # noqa: F401  (the command's grid)
 from bench.sharded.launch import LaunchOutcome, ShardedLauncher
-from bench.sharded.plugins import load_plugins
-from bench.sharded.tasks import PLACEMENTS, ShardedRow, ShardedTask
+from bench.sharded.tasks import ShardedRow, ShardedTask
 
 RESULTS_FILE = "sharded.jsonl"
 #: Failed launches keep their torchrun output here, under the results folder.
 LOGS = "sharded-logs"
-
-
-@dataclass
-class ShardedConfig:
-    """What ``loram-bench sharded`` measures: every (initializer, shape, world size, placement)."""
-
-    initializers: list[str]
-    shapes: list[tuple[int, int]]
-    world_sizes: list[int]
-    placements: list[str] = field(default_factory=lambda: list(PLACEMENTS))
-    rank: int = 16
-    scaling: float = 1.0
-    dtype: str = "float32"
-    device: str = "cpu"
-    #: per rank; ``None``: the machine's cores divided among the ranks (CPU), 1 (CUDA)
-    threads: int | None = None
-    seed: int = 0
-    repeats: int = 3
-    check: bool = True
-    limit_s: float = 300.0
-
-    def threads_for(self, world_size: int) -> int:
-        if self.threads:
-            return self.threads
-        return 1 if self.device.startswith("cuda") else max(1, (os.cpu_count() or 1) // world_size)
-
-    def tasks(self) -> list[ShardedTask]:
-        """Validated tasks, grouped by world size (one launch each), then shape, placement, initializer."""
-        from loram_ref.sharded import get_sharded
-
-        load_plugins()
-        if not self.initializers:
-            raise ValueError("--initializers is empty: name at least one sharded initializer")
-        for name in self.initializers:
-            get_sharded(name)  # an unknown name fails here, listing the known ones
-        if not self.shapes:
-            raise ValueError("sharded needs --shape or --preset (e.g. --shape 28672x8192)")
-        if not self.world_sizes or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.world_sizes):
-            raise ValueError(f"--world-size must be integers >= 1, got {self.world_sizes}")
-        for p in self.placements:
-            if p not in PLACEMENTS:
-                raise ValueError(f"--placement must be among {', '.join(PLACEMENTS)}, got {p!r}")
-        if self.dtype not in ITEMSIZE:
-            raise ValueError(f"--dtype must be one of {', '.join(ITEMSIZE)}, got {self.dtype!r}")
-        for flag, value, low in (("--rank", self.rank, 1), ("--repeats", self.repeats, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
-        if not (self.limit_s > 0 and self.limit_s < float("inf")):
-            raise ValueError(f"--limit must be > 0 and finite (seconds), got {self.limit_s}")
-        for m, n in self.shapes:
-            if self.rank > min(m, n):
-                raise ValueError(f"--rank {self.rank} exceeds min(d_out, d_in) of shape {m}x{n}")
-        check_threads(self.threads, "--threads (per rank)", "cuda" if self.device.startswith("cuda") else "cpu")
-        check_world_size(self.world_sizes, self.device)
-        # the shards of W, and on rank 0 the whole W and its single-process result for the check
-        copies = 3 if self.check else 1
-        check_fits({f"{m}x{n} {self.dtype}": copies * m * n * ITEMSIZE[self.dtype] for m, n in self.shapes},
-                   "cpu" if self.device == "cpu" else "cuda:0",
-                   "the shards" + (", and rank 0's whole W and single-process result of the check" if self.check else ""))
-        return [ShardedTask(initializer=name, d_out=m, d_in=n, world_size=w, placement=p, rank=self.rank,
-                            scaling=self.scaling, dtype=self.dtype, device=self.device, threads=self.threads_for(w),
-                            seed=self.seed, repeats=self.repeats, check=self.check)
-                for w in self.world_sizes for (m, n) in self.shapes for p in self.placements
-                for name in self.initializers]
 
 
 def describe(row: dict[str, Any]) -> str:

@@ -10,7 +10,8 @@ from bench.core.results import timestamp
 from bench.core.rows import SHARDED
 from bench.core.shapes import ITEMSIZE
 
-#: ``--placement`` values and the DTensor dimension each shards.
+#: ``--placement`` values and the DTensor dimension each shards: by rows (``Shard(0)``) or
+#: by columns (``Shard(1)``).
 PLACEMENTS = {"row": 0, "col": 1}
 
 
