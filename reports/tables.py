@@ -226,7 +226,8 @@ def without_totals(init: pd.DataFrame, laws: pd.DataFrame) -> list[str]:
 
 
 def decision_summary(data: ResultSet, table: pd.DataFrame, totals: pd.DataFrame) -> pd.DataFrame:
-    """One row per initializer: what it costs on each model measured (whole-model init time
+    """One row per initializer: what it costs on each model its cells were measured for (the
+    ``preset`` of the rows; else every model with a measured shape), by whole-model init time
     in the main view, the largest peak of one layer's init), what it needs (data) and does
     (rewrites W), whether a sharded version exists, its loss verdict sentence, and how far
     its measured cells are from the hardware floor (the range of ``floor_ratio``).
@@ -244,6 +245,12 @@ def decision_summary(data: ResultSet, table: pd.DataFrame, totals: pd.DataFrame)
     main_view = None
     if not totals.empty:
         main_view = totals["view"].value_counts().index[0]
+        # the models this folder's cells were measured for (not every preset of the catalog)
+        sources = set(table["preset"].dropna().astype(str)) if "preset" in table else set()
+        measured = [p for p in totals["preset"].unique() if p in sources]
+        if not measured:
+            measured = list(totals[totals["extrapolated_share"] < 1.0]["preset"].unique())
+        totals = totals[totals["preset"].isin(measured)]
     sentences = data.loss_verdict.sentences if data.loss_verdict is not None else {}
     records = []
     for name in sorted(names):
