@@ -222,3 +222,20 @@ def test_the_suites_register_every_worker_before_the_fork_server_starts():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "'bench.initcost.worker'" in out.stdout and "'bench.layer.worker'" in out.stdout, out.stdout
+
+
+def test_a_tree_from_before_declared_roles_still_gets_its_keywords():
+    """The gate's base side may run a ``loram_ref`` whose registry entries declare no roles:
+    the worker then reads them from the function's keywords."""
+    from types import SimpleNamespace
+
+    from bench.initcost.worker import measurement_kwargs
+
+    def old(weight, rank, scaling=1.0, *, inplace=False, check_input=True, generator=None):
+        raise AssertionError("not called")
+
+    def plain(weight, rank, scaling=1.0, *, generator=None):
+        raise AssertionError("not called")
+
+    assert measurement_kwargs(SimpleNamespace(fn=old)) == {"inplace": True, "check_input": False}
+    assert measurement_kwargs(SimpleNamespace(fn=plain)) == {}
