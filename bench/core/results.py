@@ -180,8 +180,8 @@ def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one row as one line. Writers stamp their kind's ``schema_version`` on what
-    they build (``RowSpec.stamp``); a row without one reads as schema 1."""
+    """Append one row as one line. Writers stamp their kind's ``schema_version``
+    (``RowSpec.version``) on what they build; a row without one reads as schema 1."""
     append_rows(path, [row])
 
 
@@ -225,7 +225,7 @@ def resume(path: Path, say=None) -> list[dict[str, Any]]:
     return read_rows(path)
 
 
-def done_keys(rows: Iterable[dict[str, Any]], kind: RowSpec = kinds.INIT, limit: float | None = None) -> set[str]:
+def done_keys(rows: Iterable[dict[str, Any]], kind: RowSpec, limit: float | None = None) -> set[str]:
     """The keys (``kind.key_of``) of the rows of ``kind`` that need no new measurement
     (``kind.is_done`` under ``limit``): measured, or skipped or timed out under a limit at
     least as large. Failures are always retried."""

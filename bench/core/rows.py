@@ -197,10 +197,6 @@ class RowSpec:
             return False
         return limit is None or (row.get(self.retry_below[1]) or 0.0) >= limit
 
-    def stamp(self, row: dict[str, Any]) -> dict[str, Any]:
-        """``row`` with this kind's ``kind`` and ``schema_version`` first (what writers append)."""
-        return {"kind": self.kind, "schema_version": self.version, **row}
-
     def upgrade(self, row: dict[str, Any], normalize: bool = True) -> dict[str, Any]:
         """``row`` in the version this release writes (a new dict when anything changed),
         then normalized (unless ``normalize`` is false)."""

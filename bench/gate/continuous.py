@@ -37,7 +37,8 @@ from bench.core.environment import environment, machine_id
 from bench.core.identity import identity
 from bench.core.launchers import Launcher, launcher_for, worker_command
 from bench.core.results import OK, append_row, export, new_run_id, replace_text, resume, timestamp
-from bench.gate.config import GATE_TEMPLATE, RESOLUTION_TARGET, ContinuousConfig  # noqa: F401
+from bench.core.rows import CHANGE, GATE_ROUND
+from bench.gate.config import RESOLUTION_TARGET, ContinuousConfig
 from bench.gate.rule import (
     NOT_GATED,
     REGRESSIONS,
@@ -63,7 +64,7 @@ from bench.gate.trees import (
 from bench.initcost.history import append_history
 from bench.initcost.pyperf_format import export_init
 from bench.initcost.runner import predict_worker_s
-from bench.initcost.schema import SCHEMA_VERSION, Measurement, ProcessRun, SchemaError, merge_runs
+from bench.initcost.schema import Measurement, ProcessRun, SchemaError, merge_runs
 from bench.initcost.tasks import Task
 
 ROUNDS_FILE = "continuous.jsonl"
@@ -161,7 +162,7 @@ class GateRun:
     def _record(self, task: Task, stage: str, index: int, side: str, slot: int, status: str, run: ProcessRun | None,
                 reason: str = "", phase: str = "") -> None:
         ident = identity(task)
-        row = {"kind": "gate_round", "schema_version": SCHEMA_VERSION, "run_id": self.run_id,
+        row = {"kind": "gate_round", "schema_version": GATE_ROUND.version, "run_id": self.run_id,
                "timestamp": timestamp(), "task_key": task.key,
                **{**ident, "options": json.dumps(ident["options"], sort_keys=True)},
                "shape": f"{task.d_out}x{task.d_in}", "stage": stage, "round": index, "side": side, "slot": slot,
@@ -317,7 +318,7 @@ def change_rows(run: GateRun, decisions: list[dict[str, Any]]) -> list[dict[str,
     for d in decisions:
         if d.get("stage") != CONFIRM or d["verdict"] in (UNMEASURABLE, "not confirmed"):
             continue
-        out.append({"kind": "change", "schema_version": SCHEMA_VERSION, "run_id": run.run_id,
+        out.append({"kind": "change", "schema_version": CHANGE.version, "run_id": run.run_id,
                     "timestamp": timestamp(), "task_key": d["task_key"],
                     **{k: d[k] for k in ("initializer", "d_out", "d_in", "rank", "scaling", "dtype", "device", "threads",
                                          "options", "shape", "verdict", "time_ratio", "confirm_low", "confirm_high",

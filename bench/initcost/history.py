@@ -14,8 +14,8 @@ from typing import Any
 from bench.core.environment import machine_id
 from bench.core.identity import IDENTITY_FIELDS, cell_key
 from bench.core.results import OK, append_row, read_rows
+from bench.core.rows import HISTORY
 from bench.initcost.metrics import METRICS
-from bench.initcost.schema import SCHEMA_VERSION
 
 FIELDS = [*IDENTITY_FIELDS, *(m.name for m in METRICS if m.history), "git_commit", "git_dirty", "timestamp", "run_id"]
 
@@ -30,7 +30,7 @@ def append_history(rows: list[dict[str, Any]], path: Path) -> int:
         if row.get("status") != OK or (row.get("run_id"), key) in known:
             continue
         entry = {k: row.get(k) for k in FIELDS}
-        entry.update(kind="history", schema_version=SCHEMA_VERSION, task_key=key, shape=f"{row['d_out']}x{row['d_in']}", machine=machine_id(row))
+        entry.update(kind="history", schema_version=HISTORY.version, task_key=key, shape=f"{row['d_out']}x{row['d_in']}", machine=machine_id(row))
         append_row(path, entry)
         added += 1
     return added

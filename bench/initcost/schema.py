@@ -240,16 +240,10 @@ def upgrade_init_v1(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def is_init_row(row: dict[str, Any]) -> bool:
-    """An init-cost row (schema 1 had rows without ``kind`` in hand-made files; history
-    rows have no ``status``)."""
-    return row.get("kind", "init") == "init" and "status" in row and "initializer" in row and "d_out" in row
-
-
 def upgrade_row(row: dict[str, Any]) -> dict[str, Any]:
     """A row of any known schema version in the current one, without the init rebuild (a
     new dict when anything changed; the input is kept)."""
-    spec = rows.INIT if is_init_row(row) else rows.spec_of(row)
+    spec = rows.spec_of(row)
     try:
         return row if spec is None else spec.upgrade(row, normalize=False)
     except rows.RowVersionError as exc:

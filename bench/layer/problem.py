@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.layer.spec import ALIGNMENTS, INPUT_SPECTRA, ProblemSpec  # noqa: F401  (the task's parameters)
+from bench.layer.spec import ALIGNMENTS, ProblemSpec
 
 
 def stable_seed(*parts: object) -> int:

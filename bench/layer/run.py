@@ -29,7 +29,7 @@ from bench.core.environment import environment
 from bench.core.launchers import launcher_for, preload, worker_command
 from bench.core.results import append_row, done_keys, new_run_id, resume, timestamp
 from bench.core.rows import FAILED, LAYER_LOSS, OK, SKIPPED
-from bench.layer.config import LayerConfig  # noqa: F401  (the command's grid)
+from bench.layer.config import LayerConfig
 from bench.layer.problem import ProblemSpec
 from bench.layer.task import LayerTask
 from bench.layer.worker import run_layer_task

@@ -8,10 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import loram_ref
-from bench.layer.problem import ProblemSpec
-
-#: ``--gradients``: exact expectations over the input distribution, or sampled mini-batches.
-from bench.layer.spec import GRADIENTS  # noqa: E402,F401
+from bench.layer.spec import ProblemSpec
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,8 @@ from bench.core.environment import environment
 from bench.core.results import append_rows, done_keys, export_kind, resume, timestamp
 from bench.core.rows import LOSS_SUMMARY
 from bench.loss.apply import apply_initializer, lora_layers, merge_lora_sb
-from bench.loss.config import AUTOCASTS, SCALINGS, LossConfig  # noqa: F401  (the command's grid)
+from bench.loss.config import LossConfig
 from bench.loss.data import Blocks, load_corpus, make_blocks
-from bench.loss.hardware import bf16_supported  # noqa: F401
 from bench.loss.model import TARGETS, ModelSource, local_source, quiet_transformers, smollm2_source
 from bench.loss.stats_pass import Collected, collect_statistics
 from bench.loss.train import eval_loss, train

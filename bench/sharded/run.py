@@ -12,7 +12,7 @@ from typing import Any, Callable
 from bench.core.environment import environment
 from bench.core.results import append_row, done_keys, new_run_id, read_rows, resume
 from bench.core.rows import CRASHED, OK, SHARDED
-from bench.sharded.config import ShardedConfig  # noqa: F401  (the command's grid)
+from bench.sharded.config import ShardedConfig
 from bench.sharded.launch import LaunchOutcome, ShardedLauncher
 from bench.sharded.tasks import ShardedRow, ShardedTask
 
