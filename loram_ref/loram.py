@@ -45,13 +45,18 @@ def _basis_dtype(weight: object) -> torch.dtype:
 
 
 def loram_factors(sq_norm: float, shape: tuple[int, int], rank: int, phi_in: torch.Tensor, phi_out: torch.Tensor,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+                  dtype: torch.dtype, gain_multiplier: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """``A = β·Φ_inᵀ``, ``B = β·Φ_out`` (paper Algorithm 1), with ``Q`` and ``β`` from ``‖W‖_F²``.
 
     ``phi_in``/``phi_out`` may be any rows of the bases (a shard's, ``loram_ref.sharded``);
-    they are scaled in place. Returns ``(A, B, Q, β)`` with the factors in ``dtype``.
+    they are scaled in place. ``gain_multiplier`` ``c`` scales the amplitude to ``c·β`` (1:
+    the paper's; the loss benchmarks vary it to test the magnitude argument by
+    intervention). Returns ``(A, B, Q, c·β)`` with the factors in ``dtype``.
     """
+    if not (isinstance(gain_multiplier, (int, float)) and math.isfinite(gain_multiplier) and gain_multiplier > 0):
+        raise ValueError(f"gain_multiplier must be finite and > 0 (1: the paper's β), got {gain_multiplier!r}")
     gain, beta = loram_gain(sq_norm, shape, rank)
+    beta *= float(gain_multiplier)
     a = phi_in.mT.mul_(beta).to(dtype).contiguous()  # A = β·Φ_inᵀ   (r x d_in)
     b = phi_out.mul_(beta).to(dtype)  # B = β·Φ_out   (d_out x r)
     return a, b, gain, beta
@@ -83,6 +88,7 @@ def _loram(
     inplace: bool,
     basis: Callable[[int], torch.Tensor],
     info: dict,
+    gain_multiplier: float = 1.0,
 ) -> LoraInit:
     # r = 1 gives Q = 0, β = 0: a dead adapter (docs/initializers.md §5); NaN/Inf are caught by the norm pass
     scaling = check_inputs(weight, rank, scaling, check_input=False, min_rank=2)
@@ -91,7 +97,7 @@ def _loram(
     sq_norm = squared_norm(weight, block_elements=max(rank * (m + n), NORM_BLOCK_ELEMENTS))
     if sq_norm == 0.0:
         raise ValueError(ZERO_WEIGHT)
-    a, b, gain, beta = loram_factors(sq_norm, (m, n), rank, basis(n), basis(m), weight.dtype)
+    a, b, gain, beta = loram_factors(sq_norm, (m, n), rank, basis(n), basis(m), weight.dtype, gain_multiplier)
     residual = weight if inplace else weight.clone()
     subtract_update(residual, a, b, scaling, sq_norm, name)
     return LoraInit(
@@ -100,7 +106,7 @@ def _loram(
         B=b,
         scaling=scaling,
         residual=residual,
-        info={**info, "gain_Q": gain, "beta": beta},
+        info={**info, "gain_Q": gain, "beta": beta, "gain_multiplier": float(gain_multiplier)},
     )
 
 
@@ -113,7 +119,8 @@ def _loram(
     paper=_PAPER,
     summary="A = β·Φ_inᵀ, B = β·Φ_out on the first r DST-I columns, β = (Q‖W‖²/r)^¼; W_res = W - s·B·A",
 )
-def loram_dst(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, inplace: bool = False) -> LoraInit:
+def loram_dst(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, inplace: bool = False,
+              gain_multiplier: float = 1.0) -> LoraInit:
     """LoRAM with the deterministic DST-I basis (paper Algorithm 1; docs/initializers.md §5 "Pseudocode").
 
     ``Φ_d`` = first r columns of the orthonormal DST-I of size d, ``Q = ln r/ln min(m, n)``,
@@ -134,11 +141,13 @@ def loram_dst(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, inplace:
           all-zero ``W`` is refused (β = 0), and where the entry bound ‖W‖_F + s·max‖B_i‖·
           max‖A_j‖ comes near the dtype's limit (fp16) one more read proves the residual
           finite; an overflow is an error.
+        * ``gain_multiplier`` ``c`` (default 1, the paper's) gives ``A = c·β·Φ_inᵀ``,
+          ``B = c·β·Φ_out``: the update magnitude as a factor the benchmarks intervene on.
     """
     return _loram(
         "loram_dst", weight, rank, scaling, inplace,
         lambda d: dst_basis(d, rank, dtype=_basis_dtype(weight), device=weight.device),
-        {"basis": "dst-I"},
+        {"basis": "dst-I"}, gain_multiplier,
     )
 
 
@@ -159,17 +168,18 @@ def loram_rorth(
     generator: torch.Generator | None = None,
     seed: int = 0,
     inplace: bool = False,
+    gain_multiplier: float = 1.0,
 ) -> LoraInit:
     """LoRAM's random-orthogonal basis ablation (paper §4.3; docs/initializers.md §5 "Variants").
 
     Φ_in and Φ_out are Haar-random orthonormal ``d x r`` matrices (QR of a Gaussian with
     the sign fix; input side drawn first, then output side). Because ``ν[ΦΦᵀ] = r/(mn)``
     for any orthonormal basis, β is identical to :func:`loram_dst`, and so are the
-    invariants and memory behaviour.
+    invariants and memory behaviour; ``gain_multiplier`` as in :func:`loram_dst`.
     """
     gen = resolve_generator(generator, weight.device, seed) if isinstance(weight, torch.Tensor) else None
     return _loram(
         "loram_rorth", weight, rank, scaling, inplace,
         lambda d: random_orthogonal_basis(d, rank, gen, dtype=_basis_dtype(weight), device=weight.device),
-        {"basis": "random-orthogonal"},
+        {"basis": "random-orthogonal"}, gain_multiplier,
     )

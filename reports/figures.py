@@ -297,7 +297,8 @@ def magnitude_scatter(summary: pd.DataFrame, relation: pd.DataFrame) -> go.Figur
     sub = ""
     if not overall.empty and pd.notna(overall["spearman_rho"].iloc[0]):
         sub = (f"Spearman ρ = {overall['spearman_rho'].iloc[0]:+.2f} over {int(overall['runs'].iloc[0])} runs "
-               f"(p = {overall['p_value'].iloc[0]:.2g}); within each lr in the table below")
+               f"(p = {overall['p_value'].iloc[0]:.2g}); within each lr and initializer in the table below; a "
+               "correlation, not a test (the layer task's magnitude arms are the test)")
     fig.update_layout(template="plotly_white", height=460, margin={"t": 70, "r": 20, "b": 50, "l": 70},
                       title=f"Update magnitude against eval loss, every run<br><sub>{sub}</sub>",
                       xaxis={"type": "log", "title": "final Σ‖W_eff(T) − W_eff(0)‖_F"}, yaxis_title="final eval loss")
@@ -567,3 +568,99 @@ def sharded_scaling(table: pd.DataFrame, metric: str) -> go.Figure:
     return with_views(traces, {"title": titles[metric],
                                "xaxis": {"title": "world size (ranks)", "tickvals": worlds, "type": "log"},
                                "yaxis": {"type": "log", "title": ytitle}}, "shape · device · dtype")
+
+
+#: The plane's outcome colours: wins, loses, and the two kinds of no verdict.
+OUTCOME_TEXT = {"wins": "wins", "loses": "loses", "equivalent": "as good as", "tie": "not told apart"}
+
+
+def layer_plane(plane: pd.DataFrame, reference: str) -> go.Figure:
+    """Where each initializer wins and loses over the (target rank, target scale) plane: the
+    paired difference to the reference at the chosen lrs (colour; below 0 is better), each
+    cell's outcome, 95 % CI, MDE and capacity floor on hover; a dropdown picks the
+    initializer (and the plane's shape and alignment)."""
+    from bench.core.paired import lr_text
+
+    traces: dict[str, list] = {}
+    challengers = plane[plane["outcome"] != "reference"]
+    span = float(np.nanmax(np.abs(challengers["best_diff_mean"]))) if not challengers.empty else 1.0
+    span = span if np.isfinite(span) and span > 0 else 1.0
+    for (shape, alignment, name), g in challengers.groupby(["shape", "alignment", "initializer"], sort=True):
+        ranks = sorted(g["target_rank"].unique())
+        scales = sorted(g["target_scale"].unique())
+        z = np.full((len(ranks), len(scales)), np.nan)
+        text = np.full((len(ranks), len(scales)), "", dtype=object)
+        hover = np.full((len(ranks), len(scales)), "", dtype=object)
+        for r in g.itertuples():
+            i, j = ranks.index(r.target_rank), scales.index(r.target_scale)
+            z[i, j] = r.best_diff_mean
+            mark = "" if r.lr_status == "bracketed" else " (edge)"
+            text[i, j] = f"{OUTCOME_TEXT.get(r.outcome, r.outcome)}{mark}<br>{r.best_diff_mean:+.3f}"
+            hover[i, j] = (f"{r.initializer} − {reference}: {r.best_diff_mean:+.4f} [{r.best_diff_ci_low:+.4f}, "
+                           f"{r.best_diff_ci_high:+.4f}], Holm p {r.best_p_holm:.2g}, MDE ±{r.best_mde:.4f}<br>"
+                           f"final {r.final_eval_mean:.4f} at lr {lr_text(r.lr)} ({r.lr_status}); capacity floor "
+                           f"{r.capacity_floor_mean:.4f} {('— ' + r.reach) if r.reach else ''}")
+        traces[f"{name} · {shape} · {alignment}"] = [go.Heatmap(
+            x=[f"{s:g}" for s in scales], y=[f"k = {k}" for k in ranks], z=z, text=text, texttemplate="%{text}",
+            customdata=hover, hovertemplate="%{customdata}<extra></extra>", zmid=0.0, zmin=-span, zmax=span,
+            colorscale="RdBu_r", colorbar={"title": f"− {reference}"})]
+    if not traces:
+        return go.Figure(layout={"title": "The (target rank, scale) plane: no cells to draw", "height": 200,
+                                 "template": "plotly_white"})
+    return with_views(traces, {"title": f"Where each initializer wins and loses against {reference}<br><sub>paired "
+                                        "difference in final normalized error at the chosen lrs (blue: better); "
+                                        "target rank k against ‖ΔW*‖/‖W‖; r = 8</sub>",
+                               "xaxis": {"title": "target scale ‖ΔW*‖_F / ‖W‖_F", "type": "category"},
+                               "yaxis": {"title": "target rank", "type": "category"}}, "initializer · shape · alignment")
+
+
+def layer_floors(frame: pd.DataFrame) -> go.Figure:
+    """Every scored run: its capacity floor (computed before training) against its final
+    error. On the diagonal a run ended at its floor: no lr or step count would do better."""
+    scored = frame[frame["stage"].isin(("evaluation", "selection+evaluation")) & (frame["arm"] == "")
+                   & frame["capacity_floor"].notna() & frame["final_loss"].notna()]
+    fig = go.Figure()
+    for name, g in scored.groupby("initializer"):
+        custom = np.stack([g["shape"], g["alignment"], g["lr"], g["spec_target_rank"], g["spec_target_scale"]], axis=-1)
+        fig.add_trace(go.Scattergl(
+            x=g["capacity_floor"], y=g["final_loss"], mode="markers", name=name, marker={"color": color(name), "size": 5},
+            customdata=custom, hovertemplate=f"<b>{name}</b><br>%{{customdata[0]}} %{{customdata[1]}}, k = "
+                                              "%{customdata[3]}, scale %{customdata[4]}<br>lr %{customdata[2]:.3g}<br>"
+                                              "floor %{x:.4f}, final %{y:.4f}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"color": KEY, "dash": "dash"}, name="final = floor",
+                             hoverinfo="skip"))
+    fig.update_layout(template="plotly_white", height=460, margin={"t": 80, "r": 20, "b": 50, "l": 70},
+                      title="Capacity floor against final error, every scored run<br><sub>the floor is computed from "
+                            "the step-0 factors, the target and Σ before training; on the dashed line a run is at "
+                            "its floor (cannot reach lower), above it optimization is what is missing</sub>",
+                      xaxis={"title": "capacity floor", "range": [-0.02, 1.05]},
+                      yaxis={"title": "final normalized error"})
+    return fig
+
+
+def layer_magnitude(table: pd.DataFrame, reference: str) -> go.Figure:
+    """Final error at matched first-step update magnitude: LoRAM at gain c and the reference
+    (noise-zeros) at the lr that gives the same first-step ‖ΔW_eff‖, mean over seeds with the
+    paired CI."""
+    fig = go.Figure()
+    keys = ["initializer", "shape", "alignment"] + [c for c in ("target_scale",) if c in table]
+    for key, g in table.groupby(keys):
+        name, shape = key[0], key[1]
+        cell = f"{shape}, scale {key[3]:g}" if len(key) > 3 else shape
+        g = g.sort_values("gain")
+        fig.add_trace(go.Scatter(x=g["gain"], y=g["loss_mean"], mode="lines+markers", name=f"{name} ({cell})",
+                                 line={"color": color(name)},
+                                 hovertemplate=f"<b>{name}</b> gain %{{x:g}}<br>final %{{y:.4f}}<extra></extra>"))
+        fig.add_trace(go.Scatter(
+            x=g["gain"], y=g["matched_loss_mean"], mode="lines+markers", name=f"{reference} matched to {name} ({cell})",
+            line={"color": color(reference), "dash": "dash"},
+            error_y={"type": "data", "symmetric": False, "array": (g["diff_ci_high"] - g["diff_mean"]).fillna(0),
+                     "arrayminus": (g["diff_mean"] - g["diff_ci_low"]).fillna(0), "thickness": 1},
+            customdata=np.stack([g["matched_noise_lr"], g["first_step_ratio"]], axis=-1),
+            hovertemplate=f"{reference} at lr %{{customdata[0]:.3g}} (first-step norm ratio %{{customdata[1]:.3f}})<br>"
+                          "final %{y:.4f}; bar: 95 % CI of the paired difference<extra></extra>"))
+    fig.update_layout(template="plotly_white", height=420, margin={"t": 80, "r": 20, "b": 50, "l": 70},
+                      title="Magnitude by intervention: final error at matched first-step ‖ΔW_eff‖<br><sub>LoRAM at "
+                            "gain c·β (its chosen lr) and noise-zeros at the lr matching each arm's first step</sub>",
+                      xaxis={"title": "LoRAM gain multiplier c", "type": "log"}, yaxis={"title": "final normalized error"})
+    return fig

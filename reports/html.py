@@ -117,17 +117,39 @@ def _section(anchor: str, title: str, *parts: str) -> str:
     return f'<h2 id="{anchor}">{html.escape(title)}</h2>' + "".join(parts)
 
 
-VERDICT_COLUMNS = ["place", "initializer", "lr", "seeds", "diverged", "final_eval_mean", "final_eval_ci_low",
-                   "final_eval_ci_high", "eval_auc_mean", "best_diff_mean", "best_diff_ci_low", "best_diff_ci_high",
-                   "best_p_value", "best_p_holm", "trainable_params", "step0_eval_loss_change", "init_seconds",
+VERDICT_COLUMNS = ["place", "initializer", "lr", "lr_status", "selection_seeds", "seeds", "diverged", "final_eval_mean",
+                   "final_eval_ci_low", "final_eval_ci_high", "eval_auc_mean", "best_diff_mean", "best_diff_ci_low",
+                   "best_diff_ci_high", "best_p_value", "best_p_holm", "best_mde", "best_tost_p", "trainable_params", "step0_eval_loss_change", "init_seconds",
                    "stats_seconds", "final_update_norm_mean"]
-GRID_COLUMNS = ["initializer", "lr", "seeds", "diverged", "final_eval_mean", "final_eval_ci_low", "final_eval_ci_high",
+GRID_COLUMNS = ["initializer", "lr", "selection_seeds", "selection_mean", "seeds", "diverged", "final_eval_mean", "final_eval_ci_low", "final_eval_ci_high",
                 "eval_auc_mean", "eval_auc_ci_low", "eval_auc_ci_high", "diff_mean", "diff_ci_low", "diff_ci_high",
                 "p_value", "p_holm", "is_best_lr", "final_update_norm_mean"]
 RUN_COLUMNS = ["initializer", "lr", "seed", "alpha", "use_rslora", "trainable_params", "init_seconds", "stats_seconds",
                "stats_derived", "stats_peak_cpu_extra_bytes", "step0_shift_norm", "step0_delta_rel_norm",
                "step0_eval_loss_change", "final_train_loss", "final_eval_loss", "eval_auc", "final_update_norm",
                "diverged_step", "mean_step_s"]
+
+
+def _fine_tuning_change(summary: pd.DataFrame, verdict) -> pd.DataFrame:
+    """Mean ``delta_rel_norm_*`` and ``delta_stable_rank_*`` per initializer at its chosen lr."""
+    columns = sorted(c for c in summary.columns if c.startswith("delta_rel_norm_") or c.startswith("delta_stable_rank_"))
+    if not columns or verdict is None:
+        return pd.DataFrame()
+    chosen = {r["initializer"]: r["lr"] for _, r in verdict.best.iterrows()}
+    stage = summary["stage"] if "stage" in summary else pd.Series("selection+evaluation", index=summary.index)
+    at_chosen = pd.Series([chosen.get(n) == lr for n, lr in zip(summary["initializer"], summary["lr"])],
+                          index=summary.index)
+    keep = summary[at_chosen & (stage != "selection")]
+    if keep.empty:
+        return pd.DataFrame()
+    records = []
+    for name, g in keep.groupby("initializer"):
+        for kind in sorted({c.rsplit("_", 2)[-2] + "_" + c.rsplit("_", 2)[-1] for c in columns if "proj" in c}):
+            rel, stable = f"delta_rel_norm_{kind}", f"delta_stable_rank_{kind}"
+            if rel in g and g[rel].notna().any():
+                records.append({"initializer": name, "lr": chosen[name], "projection": kind, "runs": len(g),
+                                "rel_norm_mean": float(g[rel].mean()), "stable_rank_mean": float(g[stable].mean())})
+    return pd.DataFrame(records)
 
 
 def _loss_section(data) -> str:
@@ -141,7 +163,9 @@ def _loss_section(data) -> str:
     meta = (f"<p class='note'>{_e(config.get('model'))}, data {_e(config.get('data'))} "
             f"(sha256 {_e(str(config.get('data_sha256'))[:12])}…), {_e(config.get('steps'))} steps of "
             f"{_e(config.get('batch_size'))} x {_e(config.get('seq_len'))} tokens, r={_e(config.get('rank'))}, scaling "
-            f"{_e(scaling)} (alpha {_e(config.get('alpha'))}), AdamW at lr {_e(lrs)}, seeds {_e(seeds)}, "
+            f"{_e(scaling)} (alpha {_e(config.get('alpha'))}), AdamW at peak lr {_e(lrs)} "
+            f"({_e(config.get('warmup_steps', 0))} warmup steps, then {_e(config.get('schedule', 'constant'))}), "
+            f"seeds {_e(seeds)}, "
             f"{_e(config.get('device'))} {_e(config.get('dtype'))} (autocast {_e(config.get('autocast', 'none'))}); "
             f"eval every {_e(config.get('eval_every', '?'))} steps on the same {_e(config.get('eval_blocks'))} held-out "
             f"blocks; base-model eval loss {_e(config.get('base_eval_loss'), '.4f')}. For one seed, every initializer "
@@ -156,11 +180,19 @@ def _loss_section(data) -> str:
     if verdict is not None:
         parts.append("<h3>Verdict</h3><ul class='verdict'>" + "".join(
             f"<li>{html.escape(text)}</li>" for text in verdict.sentences.values()) + "</ul>")
-        parts.append("<p class='note'>± is the half-width of a 95 % Student-t interval over seeds of the paired "
-                     f"difference to {html.escape(verdict.reference or 'the reference')}; p is the paired t-test's, "
-                     "Holm-adjusted over the initializers (p_holm). Initializers share a place where no paired "
-                     "interval separates them. A best lr is picked on the same seeds it is scored on, which flatters "
-                     "it; with 3 seeds only differences several times the seed spread are resolved.</p>")
+        method = (str(verdict.table["interval_method"].dropna().iloc[-1]) if "interval_method" in verdict.table
+                  and verdict.table["interval_method"].notna().any() else "t over seeds")
+        separate = not bool(verdict.table["selected_on_scored_seeds"].any()) if "selected_on_scored_seeds" in \
+            verdict.table else False
+        parts.append("<p class='note'>± is the half-width of a 95 % interval of the paired difference to "
+                     f"{html.escape(verdict.reference or 'the reference')} at each one's chosen lr "
+                     f"({html.escape(method)}: where the rows hold every eval block's loss, the eval set's own "
+                     "sampling error is in it); p is Holm-adjusted over the initializers (p_holm), best_mde the "
+                     "difference the test detects with 80 % power, best_tost_p the equivalence test within the "
+                     "declared margin. Initializers share a place where no paired interval separates them. "
+                     + ("The lrs were chosen on separate selection seeds. " if separate else
+                        "The lrs were chosen on the same seeds they are scored on, which flatters the winner. ")
+                     + "A chosen lr at an edge of the grid is marked provisional (lr_status).</p>")
         parts.append(table_html(verdict.best, VERDICT_COLUMNS))
         parts.append(_figure(figures.best_lr(verdict.table)))
     curves = data.loss
@@ -171,6 +203,12 @@ def _loss_section(data) -> str:
     parts.append(_figure(figures.loss_bands(data.loss, "train_loss", "Train loss per step", "train loss", trainable)))
     parts.append(_figure(figures.loss_bands(curves, "update_norm", "Update magnitude Σ‖W_eff(t) − W_eff(0)‖_F",
                                             "Σ ‖ΔW‖_F", trainable)))
+    changed = _fine_tuning_change(s, verdict)
+    if not changed.empty:
+        parts.append("<h3>What fine-tuning changed</h3><p class='note'>Per projection type, over its layers and the "
+                     "scored runs at each initializer's chosen lr: ‖ΔW‖_F/‖W‖_F and the stable rank ‖ΔW‖_F²/‖ΔW‖_2² "
+                     "of ΔW = W_eff(T) − W_eff(0). The layer task's default target scale and spectrum are set from "
+                     "this measurement.</p>" + table_html(changed))
     if verdict is not None:
         parts.append(_figure(figures.magnitude_scatter(s, verdict.magnitude)))
         parts.append(table_html(verdict.magnitude))
@@ -179,9 +217,14 @@ def _loss_section(data) -> str:
     return "".join(parts)
 
 
-LAYER_VERDICT_COLUMNS = ["shape", "alignment", "place", "initializer", "lr", "seeds", "diverged", "final_eval_mean",
-                         "final_eval_ci_low", "final_eval_ci_high", "eval_auc_mean", "best_diff_mean", "best_diff_ci_low",
-                         "best_diff_ci_high", "best_p_holm", "trainable_params", "init_seconds", "stats_seconds"]
+LAYER_VERDICT_COLUMNS = ["shape", "alignment", "target_rank", "target_scale", "place", "initializer", "lr", "lr_status",
+                         "selection_seeds", "seeds", "diverged", "final_eval_mean", "final_eval_ci_low",
+                         "final_eval_ci_high", "capacity_floor_mean", "reach", "progress_fraction_mean",
+                         "best_diff_mean", "best_diff_ci_low", "best_diff_ci_high", "best_p_holm", "best_mde",
+                         "best_tost_p", "trainable_params", "init_seconds", "stats_seconds"]
+MAGNITUDE_COLUMNS = ["shape", "alignment", "target_rank", "target_scale", "initializer", "gain", "lr", "matched_noise_lr", "first_step_norm",
+                     "matched_first_step_norm", "first_step_ratio", "loss_mean", "matched_loss_mean", "diff_mean",
+                     "diff_ci_low", "diff_ci_high", "p_value", "seeds", "rho_within", "rho_p"]
 
 
 def _layer_cost(rows: pd.DataFrame) -> pd.DataFrame:
@@ -203,6 +246,18 @@ def _layer_cost(rows: pd.DataFrame) -> pd.DataFrame:
             "init_seconds (computed, median)": ", ".join(f"{n} {v:.2f}" for n, v in sorted(inits.items())),
             "from the known SVD": ", ".join(known)})
     return pd.DataFrame(records)
+
+
+def _size_sweep(table: pd.DataFrame) -> pd.DataFrame:
+    """The verdict rows of the (target rank, scale) cell measured at the most shapes: the
+    size figures compare one problem across shapes, not the plane's cells."""
+    if not {"target_rank", "target_scale"} <= set(table.columns):
+        return table
+    counts = table.groupby(["target_rank", "target_scale"], dropna=False)["shape"].nunique()
+    if counts.empty or counts.max() < 2:
+        return pd.DataFrame()
+    rank, scale = counts.idxmax()
+    return table[(table["target_rank"] == rank) & (table["target_scale"] == scale)]
 
 
 def _layer_section(data) -> str:
@@ -234,18 +289,39 @@ def _layer_section(data) -> str:
                          "aligned − random per (shape, seed). Shapes are fixed: the intervals cover the measured "
                          "shapes, not others.</p>")
         table = verdict.table()
+        reference = (verdict.configs[0].verdict.reference if verdict.configs else "") or "the reference"
+        plane = verdict.plane
+        if not plane.empty and (plane.groupby(["shape", "alignment"])[["target_rank", "target_scale"]]
+                                .apply(lambda g: len(g.drop_duplicates())) > 1).any():
+            parts.append("<h3>The (target rank, target scale) plane</h3>"
+                         f"<p class='note'>Per initializer, where it wins and loses against {_e(reference)}: the "
+                         "paired difference over the evaluation seeds at each one's chosen lr (Holm-adjusted over the "
+                         "initializers of a cell). \"as good as\" needs the equivalence test within the declared "
+                         "margin; \"not told apart\" says only that nothing was resolved (the hover gives what could "
+                         "have been: the MDE). (edge): a chosen lr at the edge of the grid, provisional.</p>")
+            parts.append(_figure(figures.layer_plane(plane, reference)))
+        parts.append(_figure(figures.layer_floors(verdict.frame)))
         if not table.empty:
-            reference = verdict.configs[0].verdict.reference or "the reference"
-            parts.append(_figure(figures.layer_error_by_size(table)))
-            if (table["is_best_lr"] & (table["initializer"] != reference)).any():
-                parts.append(_figure(figures.layer_diff_by_size(table, reference)))
-            else:
+            sizes = _size_sweep(table)
+            if not (table["is_best_lr"] & (table["initializer"] != reference)).any():
                 parts.append(f"<p class='note'>No difference to {_e(reference)} to draw: these runs hold no other "
                              "initializer.</p>")
-        ok = verdict.frame
+            if not sizes.empty:
+                parts.append(_figure(figures.layer_error_by_size(sizes)))
+                if (sizes["is_best_lr"] & (sizes["initializer"] != reference)).any():
+                    parts.append(_figure(figures.layer_diff_by_size(sizes, reference)))
+        if not verdict.magnitude.empty:
+            parts.append("<h3>Magnitude by intervention</h3><p class='note'>LoRAM at gain c·β (c = 1: the paper's) "
+                         "at its chosen lr, and noise-zeros at the lr whose first AdamW step moves W_eff as far "
+                         "(lr · β·√3·√(1+n/m); the first-step ratio shows the match). If the update magnitude alone "
+                         "drove the loss, the paired difference would be 0 at every gain. ρ: Spearman's between final "
+                         "update magnitude and final error within the initializer, over its arms and seeds.</p>")
+            parts.append(_figure(figures.layer_magnitude(verdict.magnitude, reference)))
+            parts.append(table_html(verdict.magnitude, MAGNITUDE_COLUMNS))
+        ok = verdict.frame[verdict.frame["arm"] == ""]
         parts.append(_figure(figures.layer_curves(ok)))
         if not table.empty:
-            parts.append("<h3>Per shape and alignment, each initializer at its best lr</h3>"
+            parts.append("<h3>Per configuration, each initializer at its chosen lr</h3>"
                          + table_html(table[table["is_best_lr"]], LAYER_VERDICT_COLUMNS))
     cost = _layer_cost(rows)
     if not cost.empty:
@@ -337,7 +413,7 @@ def _summary_section(summary: pd.DataFrame, present: set[str]) -> str:
     """The decision summary: one row per initializer, each cell linked to its evidence."""
     presets = [c.removeprefix("init time ") for c in summary.columns if c.startswith("init time ")]
     head = ["initializer", *(f"init time {p}" for p in presets), *(f"peak memory {p}" for p in presets),
-            "needs data", "rewrites W", "sharded version", "x floor", "loss verdict"]
+            "needs data", "rewrites W", "sharded version", "x floor", "loss verdict", "layer task"]
     rows = []
     for row in summary.to_dict("records"):
         cells_ = [f"<td>{_e(row['initializer'])}</td>"]
@@ -357,6 +433,7 @@ def _summary_section(summary: pd.DataFrame, present: set[str]) -> str:
                                                           else f"{ratios[0]:.3g}x–{ratios[1]:.3g}x")
         cells_.append(f"<td>{_link('floor', html.escape(text), present)}</td>")
         cells_.append(f'<td class="reason">{_link("loss", _e(row["loss verdict"]), present)}</td>')
+        cells_.append(f'<td class="reason">{_link("layer-loss", _e(row.get("layer task", "")), present)}</td>')
         rows.append("<tr>" + "".join(cells_) + "</tr>")
     table = ('<div class="scroll"><table class="sortable"><thead><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in head)
              + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
@@ -365,8 +442,9 @@ def _summary_section(summary: pd.DataFrame, present: set[str]) -> str:
             "law) and the largest peak memory of one layer's init beyond its weight. Whether the method needs "
             "statistics from training data, whether it rewrites the frozen weight (then the trained adapter needs its "
             "residual base, or a conversion), whether it has a sharded version, its distance from the hardware floor "
-            "(median time over the floor, the range over its cells) and the loss verdict sentence. Each cell links "
-            "to the section that backs it.</p>")
+            "(median time over the floor, the range over its cells), the loss verdict sentence, and its layer-task "
+            "outcomes against PEFT's default over every measured configuration. Each cell links to the section that "
+            "backs it.</p>")
     facts = ('<p class="note" id="facts">needs data, rewrites W and sharded version are facts of each method\'s '
              "registry entry (its invariant class and statistics kind), not measurements.</p>")
     return note + table + facts

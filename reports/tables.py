@@ -17,7 +17,7 @@ import pandas as pd
 from bench.core import costlaw
 from bench.core.catalog import read_catalog
 from bench.core.identity import family, view, view_label
-from bench.core.paired import LossVerdict, verdict_for
+from bench.core.paired import LossVerdict
 from bench.core.results import read_rows, to_frame
 from bench.core.rows import FAILURES, SKIPPED
 from bench.core.shapes import LayerShape
@@ -81,7 +81,9 @@ def load_results(results: Path) -> ResultSet:
         summary = summary[summary["config_key"] == latest].drop_duplicates(run, keep="last")
         loss = loss[loss["config_key"] == latest].drop_duplicates([*run, "step"], keep="last")
         if "final_eval_loss" in summary:
-            verdict = verdict_for(summary)
+            from bench.loss.verdict import verdicts as loss_verdicts
+
+            verdict = loss_verdicts(summary.to_dict("records"))[0]
     history = pd.DataFrame(_load_rows(folder / "history.jsonl"))
     layer, layer_rows, layer_others = _layer(_load_rows(folder / "layer_loss.jsonl"))
     sharded = to_frame([r for r in _load_rows(folder / "sharded.jsonl") if r.get("kind") == "sharded"])
@@ -91,15 +93,37 @@ def load_results(results: Path) -> ResultSet:
 
 
 def _layer(rows: list[dict]) -> tuple[LayerVerdict | None, pd.DataFrame, int]:
-    """The layer-loss verdict of the latest suite configuration, its rows, and how many others there are."""
+    """The layer-loss verdict of every configuration of the current design (rows with a
+    ``plane_key``; without any, the latest suite configuration), its rows, and how many
+    configurations of an older design are not shown."""
     rows = [r for r in rows if r.get("kind") == "layer_loss" and "suite_key" in r]
     if not rows:
         return None, pd.DataFrame(), 0
-    latest = max(rows, key=lambda r: str(r.get("timestamp", "")))["suite_key"]
-    others = len({r["suite_key"] for r in rows}) - 1
-    shown = [r for r in rows if r["suite_key"] == latest]
+    current = [r for r in rows if r.get("plane_key")]
+    if current:
+        shown = current
+        others = len({r["suite_key"] for r in rows if not r.get("plane_key")})
+    else:
+        latest = max(rows, key=lambda r: str(r.get("timestamp", "")))["suite_key"]
+        others = len({r["suite_key"] for r in rows}) - 1
+        shown = [r for r in rows if r["suite_key"] == latest]
     frame = pd.DataFrame(shown).drop_duplicates("task_key", keep="last").reset_index(drop=True)
     return layer_verdict(shown), frame, others
+
+
+def _layer_outcomes(layer: LayerVerdict | None) -> dict[str, str]:
+    """Per initializer, its layer-task outcomes against the reference over every measured
+    configuration (shape, alignment, target rank and scale)."""
+    if layer is None or layer.plane.empty:
+        return {}
+    out = {}
+    for name, g in layer.plane[layer.plane["outcome"] != "reference"].groupby("initializer"):
+        counts = g["outcome"].value_counts()
+        cannot = int((g["reach"] == "cannot reach").sum())
+        out[name] = (f"wins {counts.get('wins', 0)}, loses {counts.get('loses', 0)}, as good as "
+                     f"{counts.get('equivalent', 0)}, not told apart {counts.get('tie', 0)} of {len(g)} configurations"
+                     + (f"; cannot reach the reference (capacity floor) in {cannot}" if cannot else ""))
+    return out
 
 
 def cost_laws(init: pd.DataFrame) -> pd.DataFrame:
@@ -252,6 +276,7 @@ def decision_summary(data: ResultSet, table: pd.DataFrame, totals: pd.DataFrame)
             measured = list(totals[totals["extrapolated_share"] < 1.0]["preset"].unique())
         totals = totals[totals["preset"].isin(measured)]
     sentences = data.loss_verdict.sentences if data.loss_verdict is not None else {}
+    layer_outcomes = _layer_outcomes(data.layer)
     records = []
     for name in sorted(names):
         spec = INITIALIZERS.get(name)
@@ -262,6 +287,7 @@ def decision_summary(data: ResultSet, table: pd.DataFrame, totals: pd.DataFrame)
             "rewrites W": ("yes (W_res = W − s·B·A)" if spec.invariant.value == "F" else "no") if spec else "unknown",
             "sharded version": "yes" if name in SHARDED else "no",
             "loss verdict": sentences.get(name, ""),
+            "layer task": layer_outcomes.get(name, ""),
         }
         if not totals.empty:
             mine = totals[(totals["initializer"] == name) & (totals["view"] == main_view)]

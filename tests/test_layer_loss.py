@@ -23,7 +23,7 @@ from loram_ref import CollectContext, Invariant
 from .workers import layer_crash_on_seed_one as _crash_on_seed_one
 from .workers import layer_init_fails as _init_fails
 
-SMALL = ProblemSpec(top_directions=8, target_rank=4)
+SMALL = ProblemSpec(top_directions=8, target_rank=4, target_scale=0.05)
 DECAYING = replace(SMALL, input_spectrum="decaying")
 NAMES = sorted(loram_ref.INITIALIZERS)
 
@@ -274,7 +274,7 @@ def test_the_known_svd_path_needs_no_weight_and_matches_the_computed_init():
 
 def _small_config(**kw) -> LayerConfig:
     base = dict(shapes=[(48, 40)], initializers=["noise_zeros", "loram_dst"], seeds=[0, 1], lrs=[1e-2, 3e-2],
-                steps=4, rank=4, spec=SMALL, threads=1, limit_s=120)
+                steps=4, rank=4, spec=SMALL, threads=1, limit_s=120, bracket=False)
     return LayerConfig(**{**base, **kw})
 
 
@@ -387,15 +387,25 @@ def test_the_report_has_the_layer_section(tmp_path):
     assert "Layer-level loss" in html and "relatively better than noise_zeros on larger layers" in html
 
 
-def test_the_spawned_worker_runs_a_layer_task():
+def test_the_spawned_worker_runs_a_batch_of_layer_tasks(tmp_path):
     """The launcher a CUDA run uses (``python -m bench.layer.worker``), exercised on the CPU."""
     import sys
 
     from bench.core.launchers import SpawnLauncher
 
-    outcome = SpawnLauncher([sys.executable, "-m", "bench.layer.worker"], decode=dict).launch(_task("noise_zeros"), 120)
+    import json
+
+    from bench.layer.worker import LayerBatch
+
+    spool = tmp_path / "spool.jsonl"
+    tasks = (_task("noise_zeros"), _task("loram_dst"))
+    outcome = SpawnLauncher([sys.executable, "-m", "bench.layer.worker"], decode=dict).launch(
+        LayerBatch(tasks, str(spool)), 120)
     assert outcome.status == "ok", outcome.reason
-    assert outcome.run["loss"][0] == pytest.approx(1.0, abs=1e-6) and len(outcome.run["loss"]) == 6
+    results = [json.loads(line) for line in spool.read_text().splitlines()]
+    assert [r["task_key"] for r in results] == [t.key for t in tasks] and outcome.run == {"ok": 2, "failed": 0}
+    assert all(r["status"] == "ok" and r["loss"][0] == pytest.approx(1.0, abs=1e-6) and len(r["loss"]) == 6
+               for r in results)
 
 
 def test_report_command_accepts_a_folder_with_only_layer_results(tmp_path):

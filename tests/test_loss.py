@@ -23,7 +23,7 @@ from .conftest import TEXT  # noqa: E402
 
 def _config(corpus_file, **kw):
     base = dict(initializers=["noise_zeros", "loram_dst"], steps=4, batch_size=2, seq_len=32, eval_every=2,
-                data=corpus_file, sb_samples=2, da_samples=2)
+                data=corpus_file, sb_samples=2, da_samples=2, bracket=False)
     return LossConfig(**{**base, **kw})
 
 

@@ -27,7 +27,7 @@ from loram_ref.statistics.collect import collect_lora_sb  # noqa: E402
 
 def _config(corpus_file, **kw):
     base = dict(initializers=["noise_zeros", "lora_sb"], seeds=[0, 1], lrs=[1e-3, 3e-3], steps=4, batch_size=2,
-                seq_len=32, eval_every=2, data=corpus_file, sb_samples=2, da_samples=2)
+                seq_len=32, eval_every=2, data=corpus_file, sb_samples=2, da_samples=2, bracket=False)
     return LossConfig(**{**base, **kw})
 
 
@@ -166,3 +166,66 @@ def test_the_report_shows_the_verdict_bands_and_the_magnitude_scatter(tmp_path, 
     assert "vs noise_zeros at its best lr" in page
     (table,) = [v.table for v in verdicts(read_rows(tmp_path / "loss.jsonl"))]
     assert set(table["seeds"]) == {3}
+
+
+# -- the design: schedule, selection apart, brackets, the eval set's sampling error -------------
+
+def test_the_schedule_warms_up_then_decays_to_zero():
+    from bench.loss.train import lr_factor
+
+    assert [lr_factor(s, 10, 2, "linear") for s in (1, 2, 3, 10)] == pytest.approx([0.5, 1.0, 1.0, 0.125])
+    assert lr_factor(3, 10, 2, "cosine") == pytest.approx(1.0) and lr_factor(10, 10, 2, "cosine") < 0.05
+    assert lr_factor(7, 10, 0, "constant") == 1.0
+    with pytest.raises(ValueError, match="--schedule"):
+        lr_factor(1, 10, 0, "step")
+    assert LossConfig(steps=40).warmup_steps == 2  # ceil(3 % of 40)
+
+
+def test_per_block_eval_losses_average_to_the_models_own_loss():
+    from bench.loss.train import eval_block_losses
+
+    model, _ = tiny_llama_source().load(torch.float32, "cpu")
+    blocks = torch.randint(0, 100, (6, 16), generator=torch.Generator().manual_seed(0))
+    per_block = eval_block_losses(model, blocks, batch_size=4)
+    with torch.no_grad():
+        expected = float(model(input_ids=blocks, labels=blocks).loss)
+    assert len(per_block) == 6 and sum(per_block) / 6 == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_model_level_grid_selects_apart_brackets_and_records_what_fine_tuning_changed(tmp_path, corpus_file):
+    config = _config(corpus_file, seeds=[0, 1], selection_seeds=[9], lrs=[1e-4, 3e-4], bracket=True,
+                     initializers=["noise_zeros", "loram_dst"], eval_blocks=4, steps=3)
+    rows = run_loss(config, tmp_path, progress=False, source=tiny_llama_source())
+    summaries = _summaries(rows)
+    selection = [r for r in summaries if r["stage"] == "selection"]
+    evaluation = [r for r in summaries if r["stage"] == "evaluation"]
+    assert {r["seed"] for r in selection} == {9} and {r["seed"] for r in evaluation} == {0, 1}
+    assert len({r["lr"] for r in selection}) > 2  # an edge optimum was extended
+    chosen = {r["initializer"]: r["lr"] for r in evaluation}
+    assert all(r["lr"] == chosen[r["initializer"]] for r in evaluation)
+    one = evaluation[0]
+    assert len(one["final_eval_blocks"]) == one["eval_blocks"] and one["warmup_steps"] == 1
+    assert {k for k in one if k.startswith("delta_rel_norm_")} == {f"delta_rel_norm_{t}" for t in TARGETS}
+    assert all(0 < one[f"delta_rel_norm_{t}"] < 1 and 1 <= one[f"delta_stable_rank_{t}"] <= 2 * config.rank
+               for t in TARGETS)
+    (verdict,) = verdicts(rows)
+    best = verdict.best.set_index("initializer")
+    assert best.loc["loram_dst", "interval_method"].startswith("t with the crossed bootstrap SE over 2 seeds")
+    assert "lr chosen on 1 other seeds" in verdict.sentences["loram_dst"]
+
+
+def test_the_crossed_bootstrap_holds_the_eval_blocks_sampling_error():
+    """Differences with a large per-block component: the seeds-only interval misses it, the
+    crossed bootstrap's SE carries it (within Monte Carlo error of the analytic SE)."""
+    import numpy as np
+
+    from bench.loss.verdict import crossed_bootstrap_se
+
+    rng = np.random.default_rng(3)
+    seeds, blocks = 8, 32
+    block_effect = rng.normal(0, 0.2, size=(1, blocks))
+    d = 0.01 + rng.normal(0, 0.01, size=(seeds, 1)) + block_effect + rng.normal(0, 0.01, size=(seeds, blocks))
+    seeds_only = d.mean(1).std(ddof=1) / math.sqrt(seeds)
+    analytic = math.sqrt(0.01**2 / seeds + 0.2**2 / blocks + 0.01**2 / (seeds * blocks))
+    se = crossed_bootstrap_se(d)
+    assert se > 5 * seeds_only and se == pytest.approx(analytic, rel=0.3)

@@ -114,7 +114,7 @@ def test_magnitude_relation_reports_spearman_overall_and_per_lr():
     verdict = verdict_for(pd.DataFrame(_rows({"noise_zeros": 0.0, "loram_dst": -0.05})))
     overall = verdict.magnitude.set_index("lr").loc["all"]
     assert overall["runs"] == 16 and overall["spearman_rho"] == pytest.approx(-1.0)  # norm = 10 - loss by construction
-    assert set(verdict.magnitude["lr"]) == {"all", "1e-3", "3e-3"}
+    assert set(verdict.magnitude["lr"]) == {"all", "1e-3", "3e-3", "within noise_zeros", "within loram_dst"}
 
 
 def test_loss_stats_csv_has_every_configuration_and_the_columns_the_issue_names(tmp_path):

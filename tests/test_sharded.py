@@ -242,14 +242,16 @@ def test_each_failure_costs_its_own_row(tmp_path, monkeypatch, registry_kept):
     monkeypatch.setenv(PLUGINS_ENV, "sharded_faults")
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
     monkeypatch.syspath_prepend(str(ROOT / "tests"))
-    # each failure ends its launch; the next row gets a launch of its own (the run goes on)
+    # each failure ends its launch; the next row gets a launch of its own (the run goes on). The
+    # limit leaves room for two ranks to start torch on a cold page cache (a 3 s limit timed out
+    # the SIGKILL case before its rank got to kill itself)
     config = ShardedConfig(initializers=["raise_on_rank1", "hang_on_rank1", "kill_rank1"],
-                           shapes=[(32, 16)], world_sizes=[2], placements=["row"], rank=4, repeats=1, limit_s=3.0)
+                           shapes=[(32, 16)], world_sizes=[2], placements=["row"], rank=4, repeats=1, limit_s=10.0)
     rows = {r["initializer"]: r for r in run_sharded(config, tmp_path, say=lambda _: None)}
     assert rows["raise_on_rank1"]["status"] == "failed"
     assert "rank 1" in rows["raise_on_rank1"]["reason"] and "planted failure" in rows["raise_on_rank1"]["reason"]
     assert rows["raise_on_rank1"]["phase"] == "initializer"
-    assert rows["hang_on_rank1"]["status"] == "timeout" and "3 s limit" in rows["hang_on_rank1"]["reason"]
+    assert rows["hang_on_rank1"]["status"] == "timeout" and "10 s limit" in rows["hang_on_rank1"]["reason"]
     assert len(rows["hang_on_rank1"]["peak_cpu_extra_bytes"]) == 2  # each rank's peak when killed
     assert rows["kill_rank1"]["status"] == "crashed" and "signal 9" in rows["kill_rank1"]["reason"]
     assert len(rows) == 3

@@ -45,6 +45,48 @@ def print_layer_verdict(verdict, out: Path) -> None:
     if not verdict.findings:
         print("  none: the size finding needs >= 2 shapes, the alignment finding the aligned and random alignments, "
               "both the reference noise_zeros")
+    for line in plane_lines(verdict.plane):
+        print(line)
+    for line in magnitude_lines(verdict.magnitude):
+        print(line)
+
+
+def plane_lines(plane) -> list[str]:
+    """Per (shape, alignment) plane with several cells and per initializer: where it wins and loses."""
+    lines = []
+    if plane is None or plane.empty:
+        return lines
+    for (shape, alignment), g in plane.groupby(["shape", "alignment"], sort=False):
+        if len(g[["target_rank", "target_scale"]].drop_duplicates()) < 2:
+            continue
+        lines.append(f"the (target rank, scale) plane at {shape}, {alignment} target "
+                     f"({len(g[['target_rank', 'target_scale']].drop_duplicates())} cells):")
+        for name, gi in g[g["outcome"] != "reference"].groupby("initializer"):
+            counts = gi["outcome"].value_counts()
+            wins = ", ".join(f"k={int(r.target_rank)} scale {r.target_scale:g}" for r in gi.itertuples()
+                             if r.outcome == "wins") or "nowhere"
+            provisional = int((gi["lr_status"] != "bracketed").sum())
+            lines.append(f"  {name}: wins {counts.get('wins', 0)}, loses {counts.get('loses', 0)}, as good as "
+                         f"{counts.get('equivalent', 0)}, not told apart {counts.get('tie', 0)}; cannot reach the reference "
+                         f"(its capacity floor) in {int((gi['reach'] == 'cannot reach').sum())}; wins at {wins}"
+                         + (f"; {provisional} cell(s) provisional (lr at an edge)" if provisional else ""))
+    return lines
+
+
+def magnitude_lines(table) -> list[str]:
+    """The loss at matched update magnitude, one line per LoRAM arm."""
+    if table is None or table.empty:
+        return []
+    lines = ["loss at matched first-step update magnitude (LoRAM at gain c vs noise_zeros at the matching lr):"]
+    for r in table.itertuples():
+        interval = ("no interval" if r.diff_ci_low != r.diff_ci_low else
+                    f"{r.diff_mean:+.3f} [{r.diff_ci_low:+.3f}, {r.diff_ci_high:+.3f}]")
+        lines.append(f"  {r.initializer} gain {r.gain:g} at {r.shape}, {r.alignment} target k = {r.target_rank} of scale "
+                     f"{r.target_scale:g} (lr {r.lr:.3g}): {r.loss_mean:.3f} vs "
+                     f"{r.matched_loss_mean:.3f} at lr {r.matched_noise_lr:.3g} (first-step ‖ΔW‖ {r.first_step_norm:.3g} vs "
+                     f"{r.matched_first_step_norm:.3g}): {interval} over {r.seeds} seeds; ρ(magnitude, error) within "
+                     f"{r.initializer} {r.rho_within:+.2f}")
+    return lines
 
 
 def loss_config(args) -> LossConfig:

@@ -14,25 +14,35 @@ from bench.cli.report import write_report
 
 def cmd_full(args) -> int:
     from bench.cli.suites import FULL_LAYER, FULL_LOSS
+    from bench.core.results import read_rows
     from bench.layer.run import run_layer_loss
     from bench.layer.verdict import layer_verdict
     from bench.loss.run import run_loss
 
     started = time.perf_counter()
-    layer = FULL_LAYER.config(threads=args.threads)
-    print(f"full suite, layer level: {len(layer.layer_shapes())} shapes x {len(layer.initializers)} initializers x "
-          f"{len(layer.alignments)} alignments x {len(layer.lrs)} lrs x {len(layer.seeds)} seeds x {layer.steps} steps",
-          flush=True)
-    layer_rows = run_layer_loss(layer, args.out, progress=not args.no_progress)
-    print(f"layer level done in {time.perf_counter() - started:.0f} s", flush=True)
-    config = FULL_LOSS.config(threads=args.threads)
-    print(f"full suite, model level: {len(config.initializers)} initializers x {len(config.lrs)} lrs x "
-          f"{len(config.seeds)} seeds x {config.steps} steps into {args.out}", flush=True)
-    rows = run_loss(config, args.out, progress=not args.no_progress)
-    print_layer_verdict(layer_verdict(layer_rows), args.out)
-    print_verdict(rows, args.out)
+    parts = ("layer", "model") if args.part == "all" else (args.part,)
+    if "layer" in parts:
+        for suite in FULL_LAYER:
+            part_started = time.perf_counter()
+            print(f"full suite, {suite.describe()}", flush=True)
+            run_layer_loss(suite.config(threads=args.threads), args.out, progress=not args.no_progress)
+            print(f"  done in {time.perf_counter() - part_started:.0f} s", flush=True)
+        print(f"layer level done in {time.perf_counter() - started:.0f} s", flush=True)
+    if "model" in parts:
+        model_started = time.perf_counter()
+        config = FULL_LOSS.config(threads=args.threads)
+        print(f"full suite, model level: {len(config.initializers)} initializers, {len(config.lrs)} starting lrs "
+              f"(bracketed) on {len(config.selection_seeds)} selection seed(s), {len(config.seeds)} evaluation seeds, "
+              f"{config.steps} steps into {args.out}", flush=True)
+        run_loss(config, args.out, progress=not args.no_progress)
+        print(f"model level done in {time.perf_counter() - model_started:.0f} s", flush=True)
+    layer_rows = read_rows(args.out / "layer_loss.jsonl") if (args.out / "layer_loss.jsonl").is_file() else []
+    if layer_rows:
+        print_layer_verdict(layer_verdict(layer_rows), args.out)
+    if (args.out / "loss.jsonl").is_file():
+        print_verdict(read_rows(args.out / "loss.jsonl"), args.out)
     path = write_report(args.out, args.out / "report.html", title="loram-bench full suite")
-    print(f"full suite done in {time.perf_counter() - started:.0f} s")
+    print(f"full suite ({', '.join(parts)}) done in {time.perf_counter() - started:.0f} s")
     print(f"report: {path.resolve()}")
     return 0
 
@@ -62,8 +72,11 @@ def cmd_quick(args) -> int:
 
 
 def setup_arguments(sub: argparse._SubParsersAction, **_) -> None:
-    p = sub.add_parser("full", help="the full loss suites of `tox -e bench-full`: the layer task at every 7B and 70B "
-                                    "shape, and the model-level grid (all initializers x 3 lrs x 3 seeds), report")
+    p = sub.add_parser("full", help="the full loss suites of `tox -e bench-full`: the layer task (a target rank x scale "
+                                    "plane, shapes and alignments, LoRAM gains; 20 evaluation seeds) and the model-level "
+                                    "grid (5 evaluation seeds), bracketed lrs, report")
+    p.add_argument("--part", choices=("all", "layer", "model"), default="all",
+                   help="run one part alone (each resumes into --out; the report covers what the folder holds)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     add_common_run_args(p)
     p.set_defaults(func=cmd_full)

@@ -1,20 +1,21 @@
 """Suites as data (which initializers, shapes, learning rates and seeds each benchmark runs
-in ``quick`` and ``full``) and the quick suite behind ``tox -e bench`` (about 7 minutes on 2
-CPU cores).
+in ``quick`` and ``full``) and the quick suite behind ``tox -e bench``.
 
 1. Init cost of every initializer on the unique shapes of a small model and Llama-2-7B
    (CPU, fp32, rank 16), cells predicted past the limit skipped and extrapolated.
-2. The layer-level task (``bench.layer``) at SmolLM2-135M's and Llama-2-7B's attention
-   shapes (576x576, 4096x4096): the default loss initializers x every alignment x 3 seeds
-   at lr 1e-3, and its findings (``layer_loss_findings.csv``).
+2. The layer-level task (``bench.layer``): SmolLM2-135M's and Llama-2-7B's attention shapes
+   with every alignment, and a small (target rank, scale) plane with the LoRAM gain arms at
+   SmolLM2's MLP shape; the default loss initializers, three starting lrs (bracketed), 3
+   seeds; capacity floors and findings (``layer_loss_findings.csv``).
 3. Short loss runs on SmolLM2-135M of the default loss initializers x 3 seeds (each seed
    one batch order shared by all: a paired design), 15 steps of 4 x 64 tokens, and their
    verdict (``loss_stats.csv``).
 4. The run's init rows appended to ``history.jsonl`` (the report's trend) and the shape
    catalog written; the command line then builds the HTML report.
 
-A rerun into the same folder resumes: measurements already there are not repeated
-(delete the folder, or pass another ``--out``, for a fresh run).
+``loram-bench full`` runs :data:`FULL_LAYER` (``--part layer``) and :data:`FULL_LOSS`
+(``--part model``), each alone or both. A rerun into the same folder resumes: measurements
+already there are not repeated (delete the folder, or pass another ``--out``, for a fresh run).
 """
 
 from __future__ import annotations
@@ -73,12 +74,19 @@ class LossSuite:
                           steps=self.steps, **{**self.overrides, **options})
 
 
-#: The quick suite's loss part: its initializers x 3 seeds at lr 1e-3, 15 steps, eval every 5
-#: (12 runs: 240 s measured on 2 cores with bf16 autocast).
-QUICK_LOSS = LossSuite(tuple(DEFAULT_LOSS_INITIALIZERS), lrs=(1e-3,), seeds=(0, 1, 2), steps=15)
-#: ``loram-bench full``: every initializer x 3 learning rates x 3 seeds x 40 steps
-#: (72 runs: 3825 s measured on 2 cores with bf16 autocast, over its 60-minute target).
-FULL_LOSS = LossSuite(tuple(sorted(loram_ref.INITIALIZERS)), lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), steps=40)
+#: The quick suite's loss part: its initializers x 3 seeds at lr 1e-3, 15 steps (1 of warmup),
+#: the 32 eval blocks scored at step 0 and after the last step; one lr, so every verdict
+#: is provisional (the quick design: it shows the machinery, not a ranking).
+QUICK_LOSS = LossSuite(tuple(DEFAULT_LOSS_INITIALIZERS), lrs=(1e-3,), seeds=(0, 1, 2), steps=15,
+                       overrides={"eval_every": 15, "bracket": False})
+#: ``loram-bench full --part model``: the default loss initializers, the five-lr grid on one
+#: selection seed (extended where an optimum sits at an edge), then 5 evaluation seeds at the
+#: chosen lrs, 40 steps with 3 % warmup and linear decay, 32 eval blocks scored at steps 0,
+#: 20 and 40. A run takes ~50 s on 2 cores (40 steps of 4 x 64 tokens and the evals), so
+#: about 46 runs fit the 60-minute budget: one selection seed and four initializers are what
+#: the budget buys (more would need fewer steps).
+FULL_LOSS = LossSuite(tuple(DEFAULT_LOSS_INITIALIZERS), lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2), seeds=(0, 1, 2, 3, 4),
+                      steps=40, overrides={"selection_seeds": [1000], "eval_every": 20})
 
 
 @dataclass(frozen=True)
@@ -93,22 +101,68 @@ class LayerSuite:
     shapes: tuple[tuple[int, int], ...] = ()
     steps: int = 50
     init_limit_s: float = 60.0
+    selection_seeds: tuple[int, ...] = ()
+    target_ranks: tuple[int, ...] = ()
+    target_scales: tuple[float, ...] = ()
+    loram_gains: tuple[float, ...] = ()
+    label: str = ""
+
+    @property
+    def cells(self) -> int:
+        return max(1, len(self.target_ranks)) * max(1, len(self.target_scales))
+
+    def describe(self) -> str:
+        shapes = len(self.config().layer_shapes())
+        selection = (f"lrs chosen on {len(self.selection_seeds)} selection seeds, scored on {len(self.seeds)}"
+                     if self.selection_seeds else f"{len(self.seeds)} seeds (lrs chosen on the same)")
+        gains = f", LoRAM gains {'/'.join(f'{g:g}' for g in self.loram_gains)} with matched noise-zeros" if self.loram_gains else ""
+        return (f"{self.label or 'layer task'}: {shapes} shape(s) x {self.cells} (target rank, scale) cell(s) x "
+                f"{len(self.alignments)} alignment(s) x {len(self.initializers)} initializers, {len(self.lrs)} starting lrs "
+                f"(bracketed), {selection}, {self.steps} steps{gains}")
 
     def config(self, **options: Any):
         return LayerConfig(presets=list(self.presets), shapes=list(self.shapes), initializers=list(self.initializers),
                            alignments=list(self.alignments), lrs=list(self.lrs), seeds=list(self.seeds),
-                           steps=self.steps, init_limit_s=self.init_limit_s, **options)
+                           steps=self.steps, init_limit_s=self.init_limit_s, selection_seeds=list(self.selection_seeds),
+                           target_ranks=list(self.target_ranks), target_scales=list(self.target_scales),
+                           loram_gains=list(self.loram_gains), **options)
 
 
-#: The quick suite's layer-level part: SmolLM2-135M's attention shape and Llama-2-7B's
-#: attention shape, the default loss initializers, every alignment, lr 1e-3, 3 seeds.
-QUICK_LAYER = LayerSuite(tuple(DEFAULT_LOSS_INITIALIZERS), ALIGNMENTS, lrs=(1e-3,), seeds=(0, 1, 2),
-                         shapes=((576, 576), (4096, 4096)))
-#: ``loram-bench full``'s layer-level part: every unique shape of Llama-2-7B and Llama-3-70B,
-#: every initializer, every alignment, 3 lrs, 3 seeds. Inits predicted past 30 s are taken
-#: from the known SVD (full-SVD PiSSA) or skipped (LoRA-DA at the 70B MLP shapes).
-FULL_LAYER = LayerSuite(tuple(sorted(loram_ref.INITIALIZERS)), ALIGNMENTS, lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2),
-                        presets=("llama-2-7b", "llama-3-70b"), init_limit_s=30.0)
+#: The starting lr grid of the full suites: five half-decade steps, extended where an optimum sits at an edge.
+FULL_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+#: The (target rank, target scale) plane: k below, at and above the LoRA rank r = 8, and
+#: ‖ΔW*‖/‖W‖ from 0.01 to 2 in five (near log-spaced) steps.
+PLANE_RANKS = (4, 8, 16)
+PLANE_SCALES = (0.01, 0.04, 0.15, 0.5, 2.0)
+
+#: The quick suite's layer-level part: SmolLM2-135M's attention shape and Llama-2-7B's,
+#: the default loss initializers, every alignment, three starting lrs (bracketed), 3 seeds
+#: (the lr chosen on the same seeds: the quick design); a small (k, scale) plane and the
+#: LoRAM gain arms at SmolLM2's MLP shape.
+QUICK_LAYER = (
+    LayerSuite(tuple(DEFAULT_LOSS_INITIALIZERS), ALIGNMENTS, lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2),
+               shapes=((576, 576), (4096, 4096)), label="shapes and alignments"),
+    LayerSuite(tuple(DEFAULT_LOSS_INITIALIZERS), ("random",), lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2),
+               shapes=((1536, 576),), target_ranks=(4, 16), target_scales=(0.05, 0.5), loram_gains=(0.5, 1.0, 2.0),
+               label="(target rank, scale) plane and LoRAM gains"),
+)
+#: ``loram-bench full --part layer``: every initializer; lrs chosen on 3 selection seeds and
+#: scored on 20 evaluation seeds; the (k, scale) plane at SmolLM2-135M's MLP shape; every
+#: alignment at the unique shapes of SmolLM2-135M's attention and MLP and Llama-2-7B's
+#: attention and MLP at the default cell (k = 16, scale 0.01); the LoRAM gains at
+#: Llama-2-7B's attention shape, at the default scale (where LoRAM's capacity floor is near 1)
+#: and at 0.5 (where it is not, so the gains can show what magnitude does in training).
+#: Inits predicted past 30 s are taken from the known SVD (full-SVD PiSSA) or skipped.
+_FULL_LAYER_COMMON = dict(lrs=FULL_LRS, seeds=tuple(range(20)), selection_seeds=(1000, 1001, 1002), init_limit_s=30.0)
+FULL_LAYER = (
+    LayerSuite(tuple(sorted(loram_ref.INITIALIZERS)), ("random",), shapes=((1536, 576),), target_ranks=PLANE_RANKS,
+               target_scales=PLANE_SCALES, label="(target rank, scale) plane", **_FULL_LAYER_COMMON),
+    LayerSuite(tuple(sorted(loram_ref.INITIALIZERS)), ALIGNMENTS,
+               shapes=((576, 576), (1536, 576), (4096, 4096), (11008, 4096)), label="shapes and alignments",
+               **_FULL_LAYER_COMMON),
+    LayerSuite(tuple(sorted(loram_ref.INITIALIZERS)), ("random",), shapes=((4096, 4096),), target_scales=(0.01, 0.5),
+               loram_gains=(0.25, 0.5, 1.0, 2.0), label="LoRAM gains (magnitude by intervention)", **_FULL_LAYER_COMMON),
+)
 
 
 def measure_init(tasks: list[Task], out: Path, baseline: Path | None = None, *, sources: list[str],
@@ -147,7 +201,10 @@ def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, base
     if not skip_loss:
 
         layer_started = time.perf_counter()
-        layer_rows = run_layer_loss(QUICK_LAYER.config(threads=threads), out, progress=progress, run_id=run_id)
+        layer_rows: list[dict[str, Any]] = []
+        for suite in QUICK_LAYER:
+            print(suite.describe(), flush=True)
+            layer_rows = run_layer_loss(suite.config(threads=threads), out, progress=progress, run_id=run_id)
         parts.append(outcome_summary([r for r in layer_rows if r.get("run_id") == run_id], "layer-loss runs"))
         print(f"layer-loss runs: {time.perf_counter() - layer_started:.0f} s", flush=True)
         loss_started = time.perf_counter()

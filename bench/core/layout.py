@@ -51,7 +51,9 @@ import ctypes
 import mmap
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 #: glibc's mmap threshold in every worker (``MALLOC_MMAP_THRESHOLD_``, ``bench.core.launchers``):
 #: requests from here up are mmapped when no free chunk holds them.
@@ -246,3 +248,26 @@ def shuffle() -> LayoutShift:
     filled = _fill_holes(libc)
     pages = _reserve(libc, rng)
     return LayoutShift(True, chunks, taken, shift, filled, pages)
+
+
+@contextmanager
+def reusable_heap(threshold: int = 1 << 30) -> Iterator[None]:
+    """Inside: allocations up to ``threshold`` bytes come from (and return to) the heap
+    instead of fresh mappings. A worker's fixed :data:`MMAP_THRESHOLD` (the layouts'
+    determinism) makes each of a training loop's many tensors above 64 KiB a new mapping,
+    its pages faulted in and unmapped again at every step (the layer task's steps took
+    twice as long). Restored on exit, so the measurements that follow see the worker's
+    usual heap."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        set_option = libc.mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    set_option(-3, int(threshold))  # M_MMAP_THRESHOLD
+    set_option(-1, int(threshold))  # M_TRIM_THRESHOLD: keep freed heap memory for the next step
+    try:
+        yield
+    finally:
+        set_option(-3, MMAP_THRESHOLD)
+        set_option(-1, 2 * MMAP_THRESHOLD)  # glibc's default trim threshold

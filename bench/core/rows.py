@@ -271,7 +271,9 @@ LOSS_COMMON = {
     "data_sha256": STR, "lr": NUM, "seed": COUNT, "steps": POSITIVE, "batch_size": POSITIVE, "seq_len": POSITIVE,
     "rank": POSITIVE, "alpha": NUM, "use_rslora": BOOL, "scaling_mode": STR, "eval_every": POSITIVE,
     "eval_blocks": POSITIVE, "train_blocks": COUNT, "tokens": COUNT, "device": DEVICE, "dtype": one_of(*DTYPES),
-    "autocast": STR, "threads": COUNT, "targets": STR, "base_eval_loss": NUM}
+    "autocast": STR, "threads": COUNT, "targets": STR, "base_eval_loss": NUM, "warmup_steps": COUNT,
+    "schedule": one_of("linear", "cosine", "constant"), "lr_grid": STR, "equivalence_margin": NUM,
+    "stage": one_of("selection", "evaluation", "selection+evaluation")}
 LOSS = RowSpec("loss", required=("initializer", "step"), fields={
     **LOSS_COMMON, "step": POSITIVE, "train_loss": NUM, "eval_loss": NUM, "update_norm": NUM, "step_s": NUM})
 LOSS_SUMMARY = RowSpec("loss_summary", required=("initializer",), fields={
@@ -280,8 +282,8 @@ LOSS_SUMMARY = RowSpec("loss_summary", required=("initializer",), fields={
     "stats_peak_gpu_allocated_bytes": INT, "step0_shift_norm": NUM, "step0_delta_rel_norm": NUM,
     "step0_eval_loss": NUM, "step0_eval_loss_change": NUM, "diverged_step": COUNT, "final_train_loss": NUM,
     "final_eval_loss": NUM, "final_update_norm": NUM, "eval_auc": NUM, "mean_step_s": NUM, "init_info": STR,
-    "stats_collected_lr": NUM, "stats_derived": BOOL}, prefixes={"stats_": NUM},
-    identity=("config_key", "initializer", "lr", "seed"))
+    "stats_collected_lr": NUM, "stats_derived": BOOL, "final_eval_blocks": _NUMS, "peak_lr": NUM},
+    prefixes={"stats_": NUM, "delta_": NUM}, identity=("config_key", "initializer", "lr", "seed"))
 
 LAYER_LOSS = RowSpec("layer_loss", required=("initializer", "d_out", "d_in", "status", "task_key", "suite_key"), fields={
     **ENVIRONMENT, **IDENTITY, "dtype": STR, "status": one_of(*STATUSES), "reason": STR, "phase": STR,
@@ -295,10 +297,15 @@ LAYER_LOSS = RowSpec("layer_loss", required=("initializer", "d_out", "d_in", "st
     "init_peak_gpu_allocated_bytes": INT, "train_peak_cpu_extra_bytes": INT, "train_peak_gpu_allocated_bytes": INT,
     "train_seconds": NUM, "train_threads": COUNT, "median_step_s": NUM, "trainable_params": COUNT, "stats_seconds": NUM,
     "stats_samples": COUNT, "stats_derived": BOOL, "step0_delta_rel_norm": NUM, "residual_probe_rel_err": NUM,
-    "target_norm": NUM, "weight_norm_expected": NUM, "edge": NUM, "worker_environment": STR, "worker_wall_s": NUM},
+    "target_norm": NUM, "weight_norm_expected": NUM, "edge": NUM, "worker_environment": STR, "worker_wall_s": NUM,
+    "plane_key": STR, "lr_grid": STR, "arm": STR, "equivalence_margin": NUM,
+    "stage": one_of("selection", "evaluation", "selection+evaluation", "magnitude"),
+    "capacity_floor": NUM, "progress_fraction": NUM, "first_step_update_norm": NUM},
     prefixes={"spec_": lambda v: None if isinstance(v, str) or NUM(v) is None else f"must be a number or a string, got {v!r:.60}",
               "stats_": NUM},
-    retry_below=(SKIPPED, "init_limit_s"))
+    # version 3: W is one per shape (spec weight_seed), the target one per seed; rows carry
+    # their capacity floor, stage and arm (version-2 rows read as unstaged, floorless runs)
+    version=3, retry_below=(SKIPPED, "init_limit_s"))
 
 SHARDED = RowSpec("sharded", required=("initializer", "d_out", "d_in", "world_size", "placement", "status", "task_key"),
                   fields={

@@ -111,7 +111,8 @@ def update_norm(state: AdapterState) -> float:
 @dataclass
 class LayerCurve:
     """Per-step records of one run: ``loss[t]`` and ``update_norm[t]`` after ``t`` steps
-    (``t = 0..steps``), ``train_loss[t-1]`` the loss step ``t`` trained on."""
+    (``t = 0..steps``), ``train_loss[t-1]`` the mini-batch loss step ``t`` trained on
+    (sampled gradients only)."""
 
     loss: list[float] = field(default_factory=list)
     update_norm: list[float] = field(default_factory=list)
@@ -133,33 +134,42 @@ def train_layer(state: AdapterState, target: Target, input_var: torch.Tensor, *,
     """AdamW (no weight decay, constant lr) for ``steps`` steps on exact gradients
     (``batch_size=0``) or on mini-batches of ``batch_size`` inputs from ``sample(count, generator)``.
 
-    The recorded loss is always the exact normalized error; in sampled mode the mini-batch
-    estimate the step trained on is kept as ``train_loss``. A non-finite loss ends the run
-    (``diverged_step``).
+    The recorded loss is always the exact normalized error. On exact gradients the loss a
+    step trains on *is* the loss after the previous step, so each step evaluates it once
+    (its forward serves both) and one more evaluation after the last step gives ``L(T)``.
+    In sampled mode the mini-batch estimate the step trained on is kept as ``train_loss``
+    and the exact loss is evaluated apart. A non-finite loss ends the run
+    (``diverged_step``: the first step after which the loss was not finite).
     """
     norm_sq = target_norm_sq(target, input_var)
     optimizer = torch.optim.AdamW(state.parameters, lr=lr, weight_decay=0.0)
     curve = LayerCurve()
-    with torch.no_grad():
-        curve.loss.append(float(exact_loss(state, target, input_var, norm_sq)))
     curve.update_norm.append(0.0)
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
         if batch_size:
             loss = sampled_loss(state, target, sample(batch_size, generator), norm_sq)
+            with torch.no_grad():
+                before = float(exact_loss(state, target, input_var, norm_sq))
         else:
             loss = exact_loss(state, target, input_var, norm_sq)
+            before = float(loss.detach())
+        value = float(loss.detach())
+        if not (math.isfinite(value) and math.isfinite(before)):
+            curve.diverged_step = max(1, step - 1)
+            return curve
+        curve.loss.append(before)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach())
-        curve.step_seconds.append(time.perf_counter() - t0)  # the step itself, not the recording below
-        with torch.no_grad():
-            after = float(exact_loss(state, target, input_var, norm_sq))
-        if not (math.isfinite(value) and math.isfinite(after)):
-            curve.diverged_step = step
-            break
-        curve.train_loss.append(value)
-        curve.loss.append(after)
+        curve.step_seconds.append(time.perf_counter() - t0)
+        if batch_size:
+            curve.train_loss.append(value)
         curve.update_norm.append(update_norm(state))
+    with torch.no_grad():
+        after = float(exact_loss(state, target, input_var, norm_sq))
+    if not math.isfinite(after):
+        curve.diverged_step = max(1, steps)
+        return curve
+    curve.loss.append(after)
     return curve

@@ -6,13 +6,16 @@ rate of that seed (a paired design):
 * ``W = U_t·diag(σ)·V_tᵀ + P_U⊥·G·P_V⊥``: a Marchenko-Pastur bulk (``G`` with i.i.d.
   ``N(0, 1/n)`` entries, ``nn.Linear``'s scale, singular values up to the edge
   ``1 + √(m/n)``) plus ``t`` top singular values ``σ_i = edge·(1 + κ·i^{-p})`` above it.
-  The bulk is projected off the top directions *and* off ``k`` further directions
+  The bulk is projected off the top directions *and* off ``t`` further directions
   ``U_b, V_b``, so the top triplets are exactly ``(U_t, σ, V_t)`` (PiSSA's full SVD is
   known without computing it) and ``(U_b, 0, V_b)`` are exact bottom singular pairs.
+  W depends on the shape and ``spec.weight_part()`` only (its own ``weight_seed``): every
+  seed, target rank and target scale of a shape sees the same W, so an initializer that
+  reads W alone is called once per shape.
 * ``ΔW* = L·Rᵀ`` of rank ``k`` with singular values ``τ_j ∝ j^{-q}``, scaled to
   ``‖ΔW*‖_F = target_scale · E‖W‖_F``, in one of three subspaces (the *alignment*):
   W's top-k singular subspace (``aligned``), W's bottom (null) directions (``bottom``),
-  or a Haar-random one (``random``). Within the subspace the target's own singular
+  or a Haar-random one (``random``), drawn from the run's seed. Within the subspace the target's own singular
   vectors are a random rotation, not W's.
 * ``Σ = diag(λ)``: isotropic (λ = 1) or a decaying spectrum ``λ_i ∝ i^{-d}`` (mean 1) in
   the coordinate basis, which is a random basis relative to W's and the target's.
@@ -67,10 +70,10 @@ class LayerProblem:
         spec.validate(m, n)
         self.m, self.n, self.seed, self.spec = int(m), int(n), int(seed), spec
         self.device = torch.device(device)
-        t, k = spec.top_directions, spec.target_rank
-        gen = torch.Generator().manual_seed(stable_seed("directions", m, n, seed))
-        left = _orthonormal(m, t + k, gen)
-        right = _orthonormal(n, t + k, gen)
+        t = spec.top_directions
+        gen = torch.Generator().manual_seed(stable_seed("directions", m, n, spec.weight_seed))
+        left = _orthonormal(m, 2 * t, gen)
+        right = _orthonormal(n, 2 * t, gen)
         self.u_top, self.u_bottom = left[:, :t].contiguous(), left[:, t:].contiguous()
         self.v_top, self.v_bottom = right[:, :t].contiguous(), right[:, t:].contiguous()
         self.edge = 1.0 + math.sqrt(m / n)  # largest singular value of the bulk (N(0, 1/n) entries)
@@ -81,14 +84,14 @@ class LayerProblem:
         else:
             lam = torch.arange(1, n + 1, dtype=torch.float64).pow(-spec.input_decay)
             self.input_var = (lam * (n / lam.sum())).float()  # mean 1: tr Σ = n
-        bulk_sq = (m - t - k) * (n - t - k) / n  # E‖P⊥·G·P⊥‖_F²
+        bulk_sq = (m - 2 * t) * (n - 2 * t) / n  # E‖P⊥·G·P⊥‖_F²
         self.weight_norm = math.sqrt(float(self.s_top.double().square().sum()) + bulk_sq)  # E‖W‖_F
 
     # -- the frozen weight -------------------------------------------------------------
     def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``W`` (m x n) on the problem's device: the bulk, projected off the known directions,
         plus the top. O(m·n·(t+k)) work; the only m x n matrix of the task."""
-        gen = torch.Generator(device=self.device).manual_seed(stable_seed("bulk", self.m, self.n, self.seed))
+        gen = torch.Generator(device=self.device).manual_seed(stable_seed("bulk", self.m, self.n, self.spec.weight_seed))
         w = torch.empty(self.m, self.n, device=self.device, dtype=torch.float32).normal_(0.0, self.n**-0.5, generator=gen)
         u = torch.cat([self.u_top, self.u_bottom], 1).to(self.device)
         v = torch.cat([self.v_top, self.v_bottom], 1).to(self.device)
@@ -110,11 +113,11 @@ class LayerProblem:
         if alignment not in ALIGNMENTS:
             raise ValueError(f"--alignment must be one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
         k = self.spec.target_rank
-        gen = torch.Generator().manual_seed(stable_seed("target", self.m, self.n, self.seed, alignment))
+        gen = torch.Generator().manual_seed(stable_seed("target", self.m, self.n, self.seed, alignment, k))
         if alignment == "aligned":
             u, v = self.u_top[:, :k], self.v_top[:, :k]
         elif alignment == "bottom":
-            u, v = self.u_bottom, self.v_bottom
+            u, v = self.u_bottom[:, :k], self.v_bottom[:, :k]
         else:
             u, v = _orthonormal(self.m, k, gen), _orthonormal(self.n, k, gen)
         # the target's singular vectors: a random rotation within the subspace

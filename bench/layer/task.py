@@ -50,6 +50,8 @@ class LayerTask:
     init_method: str = "computed"
     stats_lr: float = 0.0  # 0: the run's own lr
     cache_dir: str = ""
+    arm: str = ""  # a magnitude arm's label ("gain 0.5", "matched to loram_dst gain 0.5"); "" for the others
+    stage: str = "selection+evaluation"  # or "selection", "evaluation", "magnitude" (a label, not identity)
 
     @property
     def problem_spec(self) -> ProblemSpec:
@@ -62,7 +64,7 @@ class LayerTask:
     def identity(self) -> dict[str, Any]:
         """What the run measures: everything but where it runs from (threads, cache, labels)
         and how its init was obtained (recorded in the row)."""
-        skip = {"threads", "role", "preset", "init_method", "stats_lr", "cache_dir"}
+        skip = {"threads", "role", "preset", "init_method", "stats_lr", "cache_dir", "stage"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
     @property
@@ -74,31 +76,46 @@ class LayerTask:
         """The configuration a verdict compares within: the run without its initializer,
         seed and lr (so one shape and one alignment)."""
         ident = self.identity()
-        for name in ("initializer", "seed", "lr", "scaling", "alpha", "use_rslora", "options"):
+        for name in ("initializer", "seed", "lr", "scaling", "alpha", "use_rslora", "options", "arm"):
             ident.pop(name)
+        return _digest(ident)
+
+    @property
+    def plane_key(self) -> str:
+        """The configuration across target ranks and scales (one shape, one alignment): the
+        (target rank, target scale) plane the report draws."""
+        ident = self.identity()
+        for name in ("initializer", "seed", "lr", "scaling", "alpha", "use_rslora", "options", "arm"):
+            ident.pop(name)
+        ident["spec"] = {k: v for k, v in ident["spec"].items() if k not in ("target_rank", "target_scale")}
         return _digest(ident)
 
     @property
     def suite_key(self) -> str:
         """The configuration across shapes and alignments: what the size and alignment findings pool."""
         ident = self.identity()
-        for name in ("initializer", "seed", "lr", "scaling", "alpha", "use_rslora", "options", "d_out", "d_in",
+        for name in ("initializer", "seed", "lr", "scaling", "alpha", "use_rslora", "options", "arm", "d_out", "d_in",
                      "alignment"):
             ident.pop(name)
         return _digest(ident)
 
     @property
     def group_key(self) -> str:
-        """The runs that share one initializer call (its factors are cached between their
-        workers): the target enters only through statistics, the lr only through statistics
-        the method cannot rescale."""
+        """The runs that share one initializer call (its factors are cached between them):
+        the target enters only through statistics, the lr only through statistics the method
+        cannot rescale, and the seed only through the method's own draws (W is the same for
+        every seed of a shape: ``ProblemSpec.weight_part``)."""
         spec = loram_ref.get_initializer(self.initializer)
         ident = self.identity()
+        ident.pop("arm")
         kind = spec.statistics
         if not kind.needed:
             for name in ("lr", "alignment", "steps", "gradients", "batch_size", "sb_samples", "da_tokens",
                          "sb_warmup_ratio"):
                 ident.pop(name)
+            ident["spec"] = self.problem_spec.weight_part()
+            if "generator" not in spec.harness:  # deterministic in W: one call per shape
+                ident.pop("seed")
         elif kind.lr_rescale is None:  # statistics that do not depend on the lr
             ident.pop("lr")
         elif spec.rescale is not None:  # collected at stats_lr, rescaled to each run's lr

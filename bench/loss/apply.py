@@ -145,3 +145,25 @@ def snapshot_factors(model, adapter: str = "default") -> list[tuple[torch.Tensor
             (a.detach().clone(), b.detach().clone(), layer.scaling[adapter])
             for (_, layer), (a, b) in ((item, adapter_factors(item[1], adapter)) for item in lora_layers(model))
         ]
+
+
+def update_spectra(model, snapshot: list[tuple[torch.Tensor, torch.Tensor, float]], w_norms: list[float],
+                   adapter: str = "default") -> dict[str, dict[str, float]]:
+    """Per projection type (``q_proj``, ``down_proj``, ...), over its layers: the mean of
+    ``‖ΔW‖_F/‖W‖_F`` and of the stable rank ``‖ΔW‖_F²/‖ΔW‖_2²`` of ``ΔW = s·(B_t·A_t − B₀·A₀)``,
+    the change fine-tuning made. From the factors: thin QRs of ``[B_t, −B₀]`` and
+    ``[A_t; A₀]ᵀ`` and the singular values of the 2r x 2r core, O((m+n)·r²)."""
+    found: dict[str, list[tuple[float, float]]] = {}
+    with torch.no_grad():
+        for (name, layer), (a0, b0, s), w_norm in zip(lora_layers(model), snapshot, w_norms):
+            a1, b1 = adapter_factors(layer, adapter)
+            _, r_left = torch.linalg.qr(torch.cat([b1, -b0], dim=1).double())
+            _, r_right = torch.linalg.qr(torch.cat([a1, a0], dim=0).double().mT)
+            sv = torch.linalg.svdvals(r_left @ r_right.mT) * s
+            energy = float(sv.square().sum())
+            stable = energy / float(sv[0]) ** 2 if float(sv[0]) > 0 else math.nan
+            found.setdefault(name.rsplit(".", 1)[-1], []).append((math.sqrt(energy) / w_norm if w_norm else math.nan,
+                                                                   stable))
+    return {kind: {"rel_norm": sum(v[0] for v in values) / len(values),
+                   "stable_rank": sum(v[1] for v in values) / len(values), "layers": len(values)}
+            for kind, values in sorted(found.items())}

@@ -30,19 +30,32 @@ class LossConfig:
     initializers: list[str] = option(factory=lambda: list(DEFAULT_LOSS_INITIALIZERS), choices="initializers",
                                      help="initializers to train (see `loram-bench list`)")
     seeds: list[int] = option(factory=lambda: [0], metavar="S",
-                              help="seeds: each draws a batch order shared by every initializer (a paired design); "
-                                   ">= 2 for a verdict")
-    lrs: list[float] = option(factory=lambda: [1e-3], metavar="LR", help="learning rates (AdamW, constant)")
+                              help="evaluation seeds: each draws a batch order shared by every initializer (a paired "
+                                   "design); >= 2 for a verdict")
+    selection_seeds: list[int] = option(factory=list, metavar="S",
+                                        help="seeds the lrs are chosen on (none: chosen on --seeds, which flatters the "
+                                             "winner); must not overlap --seeds")
+    lrs: list[float] = option(factory=lambda: [1e-3], metavar="LR",
+                              help="the starting lr grid (peak lr of the schedule), extended at an edge "
+                                   "(--no-bracket: not)")
+    bracket: bool = option(True, flag="--no-bracket",
+                           help="keep the lr grid as given (default: extend it beyond an edge optimum by √10 until the "
+                                "optimum is bracketed, at most 3 lrs beyond each edge)")
     steps: int = option(40, help="optimizer steps per run")
-    batch_size: int = option(4, help="sequences per step")
+    warmup_ratio: float = option(0.03, help="linear warmup over this fraction of the steps (the LoRAM paper's 3 %%)")
+    schedule: str = option("linear", choices=("linear", "cosine", "constant"),
+                           help="the lr after the warmup: linear decay to 0 (Hugging Face's default), cosine, or constant")
+    batch_size: int = option(4, help="sequences per step (4 x 64 tokens: a 40-step run takes ~40 s on 2 cores)")
     seq_len: int = option(64, help="tokens per sequence")
     rank: int = option(8, help="LoRA rank r")
     alpha: float = option(8.0, help="lora_alpha; s = alpha/rank (8: s = 1, PEFT's default and the LoRAM paper's)")
     scaling: str = option("shared", choices=SCALINGS,
                           help="shared: every initializer at --alpha; published: each at its paper's or official "
                                "code's (LoRA-DA: rsLoRA, alpha 16)")
-    eval_every: int = option(5, help="eval every k steps (and after the last)")
-    eval_blocks: int = option(8, help="held-out blocks scored at each eval (a fixed subset, the same for every run)")
+    eval_every: int = option(10, help="eval every k steps (and after the last)")
+    eval_blocks: int = option(32, help="held-out blocks scored at each eval (a fixed subset, the same for every run; "
+                                       "their sampling error enters the intervals)")
+    equivalence_margin: float = option(0.01, help="the margin of 'as good as' claims (TOST), in eval loss (nats)")
     device: str = option("cpu", help="cpu or cuda[:N]")
     dtype: str = option("float32", choices=("float32", "bfloat16"), help="the model's weights")
     autocast: str = option("auto", choices=AUTOCASTS,
@@ -72,6 +85,18 @@ class LossConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be an integer >= 1, got {value!r}")
         check_seeds_and_lrs(self.seeds, self.lrs)
+        if self.selection_seeds:
+            check_seeds_and_lrs(self.selection_seeds, self.lrs)
+            overlap = sorted(set(self.selection_seeds) & set(self.seeds))
+            if overlap:
+                raise ValueError(f"--selection-seeds and --seeds share {overlap}: the lr must be chosen on other seeds "
+                                 "than it is scored on")
+        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1):
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"--schedule must be linear, cosine or constant, got {self.schedule!r}")
+        if not (math.isfinite(self.equivalence_margin) and self.equivalence_margin > 0):
+            raise ValueError(f"--equivalence-margin must be finite and > 0, got {self.equivalence_margin}")
         if len(set(self.initializers)) != len(self.initializers):
             raise ValueError(f"--initializers lists a value twice: {self.initializers}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
@@ -97,6 +122,11 @@ class LossConfig:
         published = loram_ref.get_initializer(name).published
         return published.lora_alpha(self.rank), published.rslora
 
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of linear warmup: ``ceil(warmup_ratio · steps)``."""
+        return math.ceil(self.warmup_ratio * self.steps)
+
     def autocast_dtype(self) -> str:
         """The resolved ``--autocast``: "bfloat16" or "none" (``auto``: bf16 where the hardware has it)."""
         if self.autocast != "auto":
@@ -109,7 +139,8 @@ class LossConfig:
 
     def key(self, model_name: str, data_sha: str) -> str:
         """What every run of the grid shares (not the initializer, lr or seed: those name the run)."""
-        skip = ("initializers", "seeds", "lrs", "threads", "save_adapters", "autocast")
+        skip = ("initializers", "seeds", "lrs", "threads", "save_adapters", "autocast", "selection_seeds", "bracket",
+                "equivalence_margin")
         fields = {k: str(v) for k, v in asdict(self).items() if k not in skip}
         fields["autocast"] = self.autocast_dtype()
         return digest({**fields, "model": model_name, "data": data_sha})

@@ -24,10 +24,11 @@ import torch
 from tqdm import tqdm
 
 import loram_ref
+from bench.core.brackets import MAX_EXTENSIONS, LrChoice, choose_lr
 from bench.core.environment import environment
 from bench.core.results import append_rows, done_keys, export_kind, resume, timestamp
 from bench.core.rows import LOSS_SUMMARY
-from bench.loss.apply import apply_initializer, lora_layers, merge_lora_sb
+from bench.loss.apply import apply_initializer, lora_layers, merge_lora_sb, snapshot_factors, update_spectra
 from bench.loss.config import LossConfig
 from bench.loss.data import Blocks, load_corpus, make_blocks
 from bench.loss.model import TARGETS, ModelSource, local_source, quiet_transformers, smollm2_source
@@ -85,6 +86,9 @@ def run_loss(config: LossConfig, out: Path, *, progress: bool = True, source: Mo
         raise ValueError(f"--rank {config.rank} exceeds the smallest target layer side of {source.name} ({smallest})")
     ids = tokenizer(corpus.text)["input_ids"]
     split = make_blocks(ids, config.seq_len, 0, max_eval=config.eval_blocks)
+    if len(split.eval) < config.eval_blocks:
+        print(f"loss: the corpus holds {len(split.eval)} held-out blocks, fewer than --eval-blocks {config.eval_blocks}",
+              file=sys.stderr)
     targets = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)} & set(TARGETS))
     if not targets:
         raise ValueError(f"{source.name} has none of the target linear layers {TARGETS}")
@@ -92,51 +96,110 @@ def run_loss(config: LossConfig, out: Path, *, progress: bool = True, source: Mo
     path = out / "loss.jsonl"
     rows = resume(path)
     key = config.key(source.name, corpus.sha256)
-    done = done_keys(rows, LOSS_SUMMARY)
-    grid = [(seed, name, lr) for seed in config.seeds for name in config.initializers for lr in config.lrs]
-    pending = [g for g in grid
-               if LOSS_SUMMARY.key_of({"config_key": key, "initializer": g[1], "lr": float(g[2]), "seed": int(g[0])}) not in done]
-    if len(pending) < len(grid):
-        print(f"loss: {len(grid) - len(pending)} of {len(grid)} runs already done for this configuration, skipped",
-              file=sys.stderr)
-    base_eval = eval_loss(base, split.eval.to(config.device), config.batch_size, amp) if pending else math.nan
-    del base
     meta = {
         "config_key": key, "model": source.name, **{f"model_{k}": v for k, v in source.meta.items()},
         "data": corpus.name, "data_sha256": corpus.sha256, "train_blocks": len(split.train),
         "eval_blocks": len(split.eval), "tokens": len(ids), "steps": config.steps, "batch_size": config.batch_size,
         "seq_len": config.seq_len, "rank": config.rank, "scaling_mode": config.scaling, "eval_every": config.eval_every,
         "device": config.device, "dtype": config.dtype, "autocast": autocast, "threads": torch.get_num_threads(),
-        "targets": ",".join(targets), "base_eval_loss": base_eval, **_omp_settings(),
+        "targets": ",".join(targets), "base_eval_loss": math.nan, "warmup_steps": config.warmup_steps,
+        "schedule": config.schedule, "lr_grid": json.dumps([float(v) for v in config.lrs]),
+        "equivalence_margin": config.equivalence_margin, **_omp_settings(),
     }
-    started = time.perf_counter()
-    cached: tuple[tuple[str, int], _Statistics] | None = None
-    for index, (seed, name, lr) in enumerate(pending):
-        blocks = split.for_seed(seed)
-        kind = loram_ref.get_initializer(name).statistics
-        statistics = None
-        if kind.needed:
-            if cached is None or cached[0] != (kind.name, seed):
-                cached = None  # one pass in memory at a time (seeds are the outer loop)
-                cached = ((kind.name, seed), _collect(kind, source, blocks, config, targets))
-            statistics = cached[1]
-        alpha, rslora = config.lora_setup(name)
-        run_meta = {**meta, "lr": float(lr), "seed": int(seed), "alpha": alpha, "use_rslora": rslora}
-        label = f"loss {name} lr={lr:g} seed={seed} [{index + 1}/{len(pending)}]"
-        run_rows = _one_run(name, lr, seed, source, blocks, config, statistics, amp, run_meta, label, progress, targets)
-        append_rows(path, run_rows)  # one write: a run's steps and summary land together
-        rows.extend(run_rows)
-        elapsed = time.perf_counter() - started
-        left = elapsed / (index + 1) * (len(pending) - index - 1)
-        summary = run_rows[-1]
-        outcome = (f"diverged at step {summary['diverged_step']}" if summary["diverged_step"]
-                   else f"final eval loss {summary['final_eval_loss']:.4f}")
-        print(f"{label}: {outcome}, {summary['mean_step_s']:.2f} s/step; "
-              f"{elapsed:.0f} s so far, about {left:.0f} s left", file=sys.stderr, flush=True)
+    runner = _Runner(config, source, split, targets, amp, meta, rows, path, progress)
+    runner.base = base
+    selection_seeds = config.selection_seeds or config.seeds
+    stage = "selection" if config.selection_seeds else "selection+evaluation"
+    runner.run([(seed, name, lr) for seed in selection_seeds for name in config.initializers for lr in config.lrs],
+               stage)
+    for _ in range(2 * MAX_EXTENSIONS):
+        extra = [(seed, name, choice.next_lr) for name, choice in _choices(runner.rows, key, config).items()
+                 if choice.next_lr is not None for seed in selection_seeds]
+        if not extra:
+            break
+        runner.run(sorted(extra), stage)
+    if config.selection_seeds:
+        chosen = _choices(runner.rows, key, config)
+        runner.run([(seed, name, chosen[name].lr) for seed in config.seeds for name in config.initializers
+                    if chosen.get(name) is not None and chosen[name].lr is not None], "evaluation")
+    runner.base = None
+    rows = runner.rows
     export_kind(rows, out, "loss")
     export_kind(rows, out, "loss_summary")
     write_verdict(rows, out)
     return rows
+
+
+def _choices(rows: list[dict[str, Any]], key: str, config: LossConfig) -> dict[str, LrChoice]:
+    """Each initializer's lr choice from this configuration's selection-stage summaries."""
+    seeds = set(config.selection_seeds or config.seeds)
+    finals: dict[tuple[str, float], dict[int, float]] = {}
+    for row in rows:
+        if row.get("kind") != "loss_summary" or row.get("config_key") != key or row.get("seed") not in seeds:
+            continue
+        value = float(row["final_eval_loss"]) if not row.get("diverged_step") else math.nan
+        finals.setdefault((row["initializer"], float(row["lr"])), {})[int(row["seed"])] = value
+    out = {}
+    limit = MAX_EXTENSIONS if config.bracket else 0
+    for name in config.initializers:
+        means = {}
+        for (initializer, lr), by_seed in finals.items():
+            if initializer == name and set(by_seed) >= seeds:
+                values = [by_seed[s] for s in seeds]
+                means[lr] = sum(values) / len(values) if all(math.isfinite(v) for v in values) else math.nan
+        out[name] = choose_lr(means, list(config.lrs), max_extensions=limit)
+    return out
+
+
+class _Runner:
+    """Runs (seed, initializer, lr) items of one configuration, appending their rows; a
+    seed's statistics pass is collected once and kept while consecutive items share it."""
+
+    def __init__(self, config, source, split, targets, amp, meta, rows, path, progress) -> None:
+        self.config, self.source, self.split, self.targets, self.amp = config, source, split, targets, amp
+        self.meta, self.rows, self.path, self.progress = meta, rows, path, progress
+        self.base = None
+        self.cached: tuple[tuple[str, int], _Statistics] | None = None
+
+    def run(self, items: list[tuple[int, str, float]], stage: str) -> None:
+        config = self.config
+        done = done_keys(self.rows, LOSS_SUMMARY)
+        pending = [g for g in dict.fromkeys(items) if LOSS_SUMMARY.key_of(
+            {"config_key": self.meta["config_key"], "initializer": g[1], "lr": float(g[2]), "seed": int(g[0])}) not in done]
+        if len(pending) < len(items):
+            print(f"loss ({stage}): {len(items) - len(pending)} of {len(items)} runs already done for this "
+                  "configuration, skipped", file=sys.stderr)
+        if not pending:
+            return
+        if math.isnan(self.meta["base_eval_loss"]):
+            self.meta["base_eval_loss"] = eval_loss(self.base, self.split.eval.to(config.device), config.batch_size,
+                                                    self.amp)
+            self.base = None  # measured once; not held during the runs
+        started = time.perf_counter()
+        for index, (seed, name, lr) in enumerate(pending):
+            blocks = self.split.for_seed(seed)
+            kind = loram_ref.get_initializer(name).statistics
+            statistics = None
+            if kind.needed:
+                if self.cached is None or self.cached[0] != (kind.name, seed):
+                    self.cached = None  # one pass in memory at a time (seeds are the outer loop)
+                    self.cached = ((kind.name, seed), _collect(kind, self.source, blocks, config, self.targets))
+                statistics = self.cached[1]
+            alpha, rslora = config.lora_setup(name)
+            run_meta = {**self.meta, "lr": float(lr), "seed": int(seed), "alpha": alpha, "use_rslora": rslora,
+                        "stage": stage}
+            label = f"loss {name} lr={lr:g} seed={seed} [{stage} {index + 1}/{len(pending)}]"
+            run_rows = _one_run(name, lr, seed, self.source, blocks, config, statistics, self.amp, run_meta, label,
+                                self.progress, self.targets)
+            append_rows(self.path, run_rows)  # one write: a run's steps and summary land together
+            self.rows.extend(run_rows)
+            elapsed = time.perf_counter() - started
+            left = elapsed / (index + 1) * (len(pending) - index - 1)
+            summary = run_rows[-1]
+            outcome = (f"diverged at step {summary['diverged_step']}" if summary["diverged_step"]
+                       else f"final eval loss {summary['final_eval_loss']:.4f}")
+            print(f"{label}: {outcome}, {summary['mean_step_s']:.2f} s/step; "
+                  f"{elapsed:.0f} s so far, about {left:.0f} s left", file=sys.stderr, flush=True)
 
 
 def _one_run(name: str, lr: float, seed: int, source: ModelSource, blocks: Blocks, config: LossConfig,
@@ -161,17 +224,22 @@ def _one_run(name: str, lr: float, seed: int, source: ModelSource, blocks: Block
     if amp is not None and config.save_adapters is None:
         _store_frozen_in(model, amp)
     torch.manual_seed(seed)
+    start = snapshot_factors(model)
     bar = tqdm(total=config.steps, desc=label, unit="step", disable=not progress, dynamic_ncols=True, leave=False)
     curve = train(model, blocks, steps=config.steps, batch_size=config.batch_size, lr=lr,
                   eval_every=config.eval_every, device=config.device, autocast=amp,
+                  warmup_steps=config.warmup_steps, schedule=config.schedule,
                   on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
     bar.close()
+    spectra = update_spectra(model, start, [layer.w_norm for layer in layers]) if not curve.diverged_step else {}
     if config.save_adapters is not None:
         _save(model, config.save_adapters / f"{name}-lr{lr:g}-seed{seed}")
     stats_info = {}
     if statistics is not None:
         stats_info = {"stats_collected_lr": statistics.lr, "stats_derived": statistics.lr != lr,
                       **{f"stats_{k}": v for k, v in (stats_meta or {}).items() if isinstance(v, (int, float))}}
+    stats_info.update({f"delta_{key}_{kind}": value for kind, found in spectra.items()
+                       for key, value in found.items() if key != "layers"})
     return _rows(name, run_meta, curve, layers, init_seconds, statistics.collected if statistics else None, model,
                  stats_info)
 
@@ -232,6 +300,8 @@ def _rows(name, meta, curve, layers, init_seconds, collected, model, stats_info)
         "final_eval_loss": evals[-1] if evals and not curve.diverged_step else math.nan,
         "final_update_norm": curve.update_norm[-1] if curve.update_norm and not curve.diverged_step else math.nan,
         "eval_auc": math.nan if curve.diverged_step else curve.eval_auc(),
+        "final_eval_blocks": [] if curve.diverged_step else curve.final_eval_blocks,
+        "peak_lr": meta["lr"],
         **stats_info,
         "mean_step_s": sum(curve.step_seconds[1:]) / max(1, len(curve.step_seconds) - 1),
         "init_info": json.dumps(layers[0].info if layers else {}, sort_keys=True),
