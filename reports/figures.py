@@ -662,5 +662,8 @@ def layer_magnitude(table: pd.DataFrame, reference: str) -> go.Figure:
     fig.update_layout(template="plotly_white", height=420, margin={"t": 80, "r": 20, "b": 50, "l": 70},
                       title="Magnitude by intervention: final error at matched first-step ‖ΔW_eff‖<br><sub>LoRAM at "
                             "gain c·β (its chosen lr) and noise-zeros at the lr matching each arm's first step</sub>",
-                      xaxis={"title": "LoRAM gain multiplier c", "type": "log"}, yaxis={"title": "final normalized error"})
+                      xaxis={"title": "LoRAM gain multiplier c", "type": "log",
+                             "tickvals": sorted(table["gain"].unique()) if not table.empty else None,
+                             "ticktext": [f"{g:g}" for g in sorted(table["gain"].unique())] if not table.empty else None},
+                      yaxis={"title": "final normalized error"})
     return fig

@@ -8,8 +8,8 @@ in ``quick`` and ``full``) and the quick suite behind ``tox -e bench``.
    SmolLM2's MLP shape; the default loss initializers, three starting lrs (bracketed), 3
    seeds; capacity floors and findings (``layer_loss_findings.csv``).
 3. Short loss runs on SmolLM2-135M of the default loss initializers x 3 seeds (each seed
-   one batch order shared by all: a paired design), 15 steps of 4 x 64 tokens, and their
-   verdict (``loss_stats.csv``).
+   one batch order shared by all: a paired design), 12 steps of 4 x 64 tokens scored on 32
+   eval blocks, and their verdict (``loss_stats.csv``).
 4. The run's init rows appended to ``history.jsonl`` (the report's trend) and the shape
    catalog written; the command line then builds the HTML report.
 
@@ -74,11 +74,12 @@ class LossSuite:
                           steps=self.steps, **{**self.overrides, **options})
 
 
-#: The quick suite's loss part: its initializers x 3 seeds at lr 1e-3, 15 steps (1 of warmup),
-#: the 32 eval blocks scored at step 0 and after the last step; one lr, so every verdict
-#: is provisional (the quick design: it shows the machinery, not a ranking).
-QUICK_LOSS = LossSuite(tuple(DEFAULT_LOSS_INITIALIZERS), lrs=(1e-3,), seeds=(0, 1, 2), steps=15,
-                       overrides={"eval_every": 15, "bracket": False})
+#: The quick suite's loss part: its initializers x 3 seeds at lr 1e-3, 12 steps (1 of warmup),
+#: the 32 eval blocks scored at step 0 and after the last step (12 runs, ~24 s each on 2
+#: cores); one lr, so every verdict is provisional (the quick design: it shows the machinery,
+#: not a ranking).
+QUICK_LOSS = LossSuite(tuple(DEFAULT_LOSS_INITIALIZERS), lrs=(1e-3,), seeds=(0, 1, 2), steps=12,
+                       overrides={"eval_every": 12, "bracket": False})
 #: ``loram-bench full --part model``: the default loss initializers, the five-lr grid on one
 #: selection seed (extended where an optimum sits at an edge), then 5 evaluation seeds at the
 #: chosen lrs, 40 steps with 3 % warmup and linear decay, 32 eval blocks scored at steps 0,
