@@ -127,17 +127,6 @@ class LayerProblem:
         tau = (tau * (self.spec.target_scale * self.weight_norm / float(tau.norm()))).float()
         return Target(left=(u * tau[None, :]).contiguous(), right=v.contiguous(), alignment=alignment).to(self.device)
 
-    def loss_floor(self, target: Target, rank: int) -> float:
-        """The smallest normalized error any rank-``rank`` update can reach: the energy of
-        ``ΔW*·Σ^½`` beyond its top ``rank`` singular values (Eckart-Young), O((m+n)·k²)."""
-        left = target.left.double()
-        right = (target.right.double() * self.input_var.to(target.right.device).double().sqrt()[:, None])
-        _, r_left = torch.linalg.qr(left)
-        _, r_right = torch.linalg.qr(right)
-        s = torch.linalg.svdvals(r_left @ r_right.mT)
-        energy = s.square()
-        return float(energy[rank:].sum() / energy.sum()) if len(energy) > rank else 0.0
-
     # -- inputs --------------------------------------------------------------------------
     def inputs(self, count: int, gen: torch.Generator) -> torch.Tensor:
         """``count`` inputs ``x ~ N(0, Σ)`` as the columns of an n x count matrix."""
