@@ -30,6 +30,12 @@ LR_FACTOR = math.sqrt(10.0)
 #: lrs added beyond each edge of the starting grid at most (1.5 decades at the factor above).
 MAX_EXTENSIONS = 3
 
+#: The help of the ``--no-bracket`` and ``--selection-seeds`` flags both loss benchmarks have.
+BRACKET_HELP = ("keep the lr grid as given (default: extend it beyond an edge optimum by √10 until the optimum is "
+                "bracketed, at most 3 lrs beyond each edge)")
+SELECTION_SEEDS_HELP = ("seeds the lrs are chosen on (none: chosen on --seeds, which flatters the winner); must not "
+                        "overlap --seeds")
+
 BRACKETED = "bracketed"
 EDGE_LOW = "provisional (edge: lowest lr run)"
 EDGE_HIGH = "provisional (edge: highest lr run)"

@@ -107,3 +107,15 @@ def check_seeds_and_lrs(seeds: list[int], lrs: list[float]) -> None:
     for flag, values in (("--seeds", seeds), ("--lrs", lrs)):
         if len(set(values)) != len(values):
             raise ValueError(f"{flag} lists a value twice: {values}")
+
+
+def check_selection_seeds(selection_seeds: list[int], seeds: list[int], lrs: list[float]) -> None:
+    """``--selection-seeds``: valid seeds, none of them also an evaluation seed (an lr must be
+    chosen on other seeds than it is scored on)."""
+    if not selection_seeds:
+        return
+    check_seeds_and_lrs(selection_seeds, lrs)
+    overlap = sorted(set(selection_seeds) & set(seeds))
+    if overlap:
+        raise ValueError(f"--selection-seeds and --seeds share {overlap}: the lr must be chosen on other seeds "
+                         "than it is scored on")

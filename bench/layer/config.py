@@ -7,7 +7,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from bench.core.checks import check_fits, check_memory_limit, check_seeds_and_lrs, check_threads
+from bench.core.brackets import BRACKET_HELP, SELECTION_SEEDS_HELP
+from bench.core.checks import check_fits, check_memory_limit, check_seeds_and_lrs, check_selection_seeds, check_threads
 from bench.core.defaults import DEFAULT_LOSS_INITIALIZERS, LOSS_REFERENCE
 from bench.core.options import option
 from bench.core.shapes import model_shapes, unique_shapes
@@ -34,14 +35,10 @@ class LayerConfig:
     seeds: list[int] = option(factory=lambda: [0, 1, 2], metavar="S",
                               help="evaluation seeds: each draws its own target, inputs and init draws, shared by every "
                                    "initializer (paired); W is one per shape")
-    selection_seeds: list[int] = option(factory=list, metavar="S",
-                                        help="seeds the lrs are chosen on (none: chosen on --seeds, which flatters the "
-                                             "winner); must not overlap --seeds")
+    selection_seeds: list[int] = option(factory=list, metavar="S", help=SELECTION_SEEDS_HELP)
     lrs: list[float] = option(factory=lambda: [1e-3], metavar="LR",
                               help="the starting lr grid (AdamW, constant), extended at an edge (--no-bracket: not)")
-    bracket: bool = option(True, flag="--no-bracket",
-                           help="keep the lr grid as given (default: extend it beyond an edge optimum by √10 until the "
-                                "optimum is bracketed, at most 3 lrs beyond each edge)")
+    bracket: bool = option(True, flag="--no-bracket", help=BRACKET_HELP)
     target_ranks: list[int] = option(factory=list, metavar="K",
                                      help="target ranks swept (none: --target-rank alone)")
     target_scales: list[float] = option(factory=list, metavar="F",
@@ -91,12 +88,7 @@ class LayerConfig:
         if isinstance(self.da_tokens, bool) or not isinstance(self.da_tokens, int) or self.da_tokens < 0:
             raise ValueError(f"--da-tokens must be an integer >= 0 (0: 2·d_in), got {self.da_tokens!r}")
         check_seeds_and_lrs(self.seeds, self.lrs)
-        if self.selection_seeds:
-            check_seeds_and_lrs(self.selection_seeds, self.lrs)
-            overlap = sorted(set(self.selection_seeds) & set(self.seeds))
-            if overlap:
-                raise ValueError(f"--selection-seeds and --seeds share {overlap}: the lr must be chosen on other seeds "
-                                 "than it is scored on")
+        check_selection_seeds(self.selection_seeds, self.seeds, self.lrs)
         for flag, values in (("--target-ranks", self.target_ranks), ("--target-scales", self.target_scales),
                              ("--loram-gains", self.loram_gains)):
             if len(set(values)) != len(values):

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.core.checks import check_seeds_and_lrs, check_threads
+from bench.core.brackets import BRACKET_HELP, SELECTION_SEEDS_HELP
+from bench.core.checks import check_seeds_and_lrs, check_selection_seeds, check_threads
 from bench.core.defaults import DEFAULT_LOSS_INITIALIZERS
 from bench.core.identity import digest
 from bench.core.options import option
@@ -32,15 +33,11 @@ class LossConfig:
     seeds: list[int] = option(factory=lambda: [0], metavar="S",
                               help="evaluation seeds: each draws a batch order shared by every initializer (a paired "
                                    "design); >= 2 for a verdict")
-    selection_seeds: list[int] = option(factory=list, metavar="S",
-                                        help="seeds the lrs are chosen on (none: chosen on --seeds, which flatters the "
-                                             "winner); must not overlap --seeds")
+    selection_seeds: list[int] = option(factory=list, metavar="S", help=SELECTION_SEEDS_HELP)
     lrs: list[float] = option(factory=lambda: [1e-3], metavar="LR",
                               help="the starting lr grid (peak lr of the schedule), extended at an edge "
                                    "(--no-bracket: not)")
-    bracket: bool = option(True, flag="--no-bracket",
-                           help="keep the lr grid as given (default: extend it beyond an edge optimum by √10 until the "
-                                "optimum is bracketed, at most 3 lrs beyond each edge)")
+    bracket: bool = option(True, flag="--no-bracket", help=BRACKET_HELP)
     steps: int = option(40, help="optimizer steps per run")
     warmup_ratio: float = option(0.03, help="linear warmup over this fraction of the steps (the LoRAM paper's 3 %%)")
     schedule: str = option("linear", choices=("linear", "cosine", "constant"),
@@ -85,12 +82,7 @@ class LossConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be an integer >= 1, got {value!r}")
         check_seeds_and_lrs(self.seeds, self.lrs)
-        if self.selection_seeds:
-            check_seeds_and_lrs(self.selection_seeds, self.lrs)
-            overlap = sorted(set(self.selection_seeds) & set(self.seeds))
-            if overlap:
-                raise ValueError(f"--selection-seeds and --seeds share {overlap}: the lr must be chosen on other seeds "
-                                 "than it is scored on")
+        check_selection_seeds(self.selection_seeds, self.seeds, self.lrs)
         if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1):
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.schedule not in ("linear", "cosine", "constant"):
