@@ -22,7 +22,14 @@ import torch
 
 from .bases import dst_basis, random_orthogonal_basis
 from .linalg import principal_angles, randomized_svd
-from .statistics import CollectContext, LoraDAStats, LoraSBStats
+from .statistics import (
+    CollectContext,
+    GradientStats,
+    InputCovarianceStats,
+    InputMomentsStats,
+    LoraDAStats,
+    LoraSBStats,
+)
 from .registry import (
     FULL_SVD,
     HARNESS_ROLES,
@@ -56,6 +63,9 @@ __all__ = [
     "InitializerSpec",
     "Invariant",
     "PublishedScaling",
+    "GradientStats",
+    "InputCovarianceStats",
+    "InputMomentsStats",
     "LoraDAStats",
     "LoraInit",
     "LoraSBStats",

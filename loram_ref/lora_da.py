@@ -129,6 +129,7 @@ def lora_da_fidelity(weight: torch.Tensor, rank: int, init: LoraInit, kwargs: di
     work=input_space,
     fidelity=lora_da_fidelity,
     invariant=Invariant.SHIFTED,
+    decomposition="LOBPCG on the n x n guidance Ω (Cholesky of Z)",
     statistics=Statistics.LORA_DA,
     cost=INPUT_SPACE,
     published=PublishedScaling(alpha=16.0, rslora=True, source="official default config: rsLoRA, α = 16 (s = 16/√r; docs/initializers.md §4)"),

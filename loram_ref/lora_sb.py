@@ -53,6 +53,8 @@ def lora_sb_fidelity(weight: torch.Tensor, rank: int, init: LoraInit, kwargs: di
     fidelity=lora_sb_fidelity,
     invariant=Invariant.SHIFTED,
     statistics=Statistics.LORA_SB,
+    trains=("R",),
+    decomposition="randomized SVD of −η·sign(Σ∇W) (q = r, 10 iterations)",
     published=PublishedScaling(source="the official repo forces lora_alpha = r (s = 1; docs/initializers.md §3)"),
     paper="Ponkshe, Singhal et al. 2024, LoRA-SB (arXiv 2411.19557); CERT-Lab/lora-sb",
     summary="B, A = top-r singular vectors of -η·sign(Σ∇W), trainable R = Σ_r/s; W unchanged",

@@ -117,6 +117,7 @@ def _loram(
     invariant=Invariant.FUNCTION_PRESERVING,
     published=PublishedScaling(source="the paper fixes s = 1 (docs/initializers.md §5)"),
     paper=_PAPER,
+    decomposition="none (an analytic DST-I basis)",
     summary="A = β·Φ_inᵀ, B = β·Φ_out on the first r DST-I columns, β = (Q‖W‖²/r)^¼; W_res = W - s·B·A",
 )
 def loram_dst(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, inplace: bool = False,
@@ -158,6 +159,7 @@ def loram_dst(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, inplace:
     invariant=Invariant.FUNCTION_PRESERVING,
     published=PublishedScaling(source="the paper fixes s = 1 (docs/initializers.md §5)"),
     paper=_PAPER + ", §4.3 basis ablation",
+    decomposition="QR of two Gaussian d x r blocks",
     summary="LoRAM with Haar random-orthogonal bases instead of DST (same β)",
 )
 def loram_rorth(

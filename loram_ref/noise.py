@@ -36,6 +36,7 @@ def _noise_zeros(
 @register(
     "noise_zeros",
     harness=("generator", "check_input"),
+    peft_name="True (the default)",
     work=factors_only,
     invariant=Invariant.ZERO_PRODUCT,
     reads_weight=False,
@@ -77,6 +78,7 @@ def noise_zeros(
 @register(
     "gaussian",
     harness=("generator", "check_input"),
+    peft_name='"gaussian"',
     work=factors_only,
     invariant=Invariant.ZERO_PRODUCT,
     reads_weight=False,

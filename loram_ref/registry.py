@@ -42,6 +42,12 @@ class Invariant(str, Enum):
     FUNCTION_PRESERVING = "F"  # W_res + s·B·A == W
     ZERO_PRODUCT = "Z"  # B·A == 0 and W unchanged
     SHIFTED = "S"  # W unchanged, s·B·A != 0 on purpose
+    QUANTIZED = "Q"  # W_res = dequant(quant(W − s·B·A)): W_res + s·B·A ≈ W closer than W_res alone
+
+    @property
+    def rewrites_weight(self) -> bool:
+        """Whether the method replaces the frozen weight (a residual, or its quantized form)."""
+        return self in (Invariant.FUNCTION_PRESERVING, Invariant.QUANTIZED)
 
 
 def _mn(m: int, n: int) -> float:
@@ -133,10 +139,45 @@ class InitializerSpec:
     #: to the keyword that takes it: ``{"generator": "rng"}`` for a method whose random
     #: source is called ``rng``. Declared at registration, never guessed from names.
     harness: Mapping[str, str] = field(default_factory=dict)
+    #: PEFT's ``init_lora_weights`` value for the same method (None: PEFT does not offer it)
+    peft_name: str | None = None
+    #: the decomposition the method computes, in words ("none" for the noise inits)
+    decomposition: str = "none"
+    #: the factors that train: ``("A", "B")``, ``("R",)`` for LoRA-SB (A and B frozen),
+    #: ``("A",)`` for MiCA (B frozen)
+    trains: tuple[str, ...] = ("A", "B")
+    #: why the layer-level loss task cannot run the method (None: it can)
+    layer_task_excluded: str | None = None
+    #: ``rank_rule(m, n, r) -> None | reason``: a rank the method cannot take at an m x n
+    #: layer beyond ``1 <= r <= min(m, n)`` (an odd rank for PEFT's orthogonal, 2r > min(m, n)
+    #: for LoRA-GA); the function raises with the same reason
+    rank_rule: Callable[[int, int, int], str | None] | None = None
 
     @property
     def needs_statistics(self) -> bool:
         return self.statistics.needed
+
+    def facts(self) -> dict[str, str]:
+        """What a user choosing among initializers asks first, in words (``loram-bench list``
+        and the report's decision summary): data, the base weight, the decomposition, how the
+        cost grows, what trains, PEFT's name for it."""
+        rewrites = {Invariant.FUNCTION_PRESERVING: "yes: W_res = W − s·B·A",
+                    Invariant.QUANTIZED: "yes: W → its quantized form"}.get(self.invariant, "no")
+        return {
+            "needs data": f"yes: {self.statistics.label}" if self.needs_statistics else "no",
+            "rewrites W": rewrites,
+            "decomposition": self.decomposition,
+            "cost class": f"O({self.cost.name})" if self.reads_weight or self.cost is not PASSES
+            else "O((m+n)·r): W is not read",
+            "trains": ", ".join(self.trains),
+            "PEFT name": f"init_lora_weights={self.peft_name}" if self.peft_name else "not in PEFT",
+        }
+
+    def rank_problem(self, m: int, n: int, rank: int) -> str | None:
+        """Why ``rank`` does not fit an m x n layer for this method (None: it fits)."""
+        if not 1 <= rank <= min(m, n):
+            return f"rank {rank} is outside 1..min(d_out, d_in) = {min(m, n)}"
+        return self.rank_rule(m, n, rank) if self.rank_rule is not None else None
 
     def harness_kwargs(self, **values: Any) -> dict[str, Any]:
         """The keywords of a harness call: each role in ``values`` that the method declares,
@@ -193,6 +234,11 @@ def register(
     from_svd: Callable[..., LoraInit] | None = None,
     rescale: Callable[[LoraInit, float], LoraInit] | None = None,
     harness: Iterable[str] | Mapping[str, str] = (),
+    peft_name: str | None = None,
+    decomposition: str = "none",
+    trains: tuple[str, ...] = ("A", "B"),
+    layer_task_excluded: str | None = None,
+    rank_rule: Callable[[int, int, int], str | None] | None = None,
 ) -> Callable[[Callable[..., LoraInit]], Callable[..., LoraInit]]:
     """Add the decorated function to ``INITIALIZERS`` under ``name``; ``harness`` declares
     the keywords a harness may pass it (:data:`HARNESS_ROLES`)."""
@@ -201,6 +247,8 @@ def register(
         if name in INITIALIZERS:
             raise ValueError(f"initializer {name!r} is registered twice")
         roles = _harness_map(name, fn, harness)
+        if not trains or set(trains) - {"A", "B", "R"}:
+            raise ValueError(f"initializer {name!r}: trains must name some of 'A', 'B', 'R', got {trains!r}")
         guarded = guard(fn)
         INITIALIZERS[name] = InitializerSpec(
             name=name,
@@ -218,6 +266,11 @@ def register(
             from_svd=from_svd,
             rescale=rescale,
             harness=roles,
+            peft_name=peft_name,
+            decomposition=decomposition,
+            trains=tuple(trains),
+            layer_task_excluded=layer_task_excluded,
+            rank_rule=rank_rule,
         )
         return guarded
 

@@ -409,11 +409,15 @@ def _link(anchor: str | None, text: str, present: set[str]) -> str:
     return f'<a href="#{anchor}">{text}</a>' if anchor in present else text
 
 
+#: The registry's facts the decision summary shows per initializer (``InitializerSpec.facts``).
+FACT_COLUMNS = ("needs data", "rewrites W", "decomposition", "cost class", "trains", "PEFT name")
+
+
 def _summary_section(summary: pd.DataFrame, present: set[str]) -> str:
     """The decision summary: one row per initializer, each cell linked to its evidence."""
     presets = [c.removeprefix("init time ") for c in summary.columns if c.startswith("init time ")]
     head = ["initializer", *(f"init time {p}" for p in presets), *(f"peak memory {p}" for p in presets),
-            "needs data", "rewrites W", "sharded version", "x floor", "loss verdict", "layer task"]
+            *FACT_COLUMNS, "sharded version", "x floor", "loss verdict", "layer task"]
     rows = []
     for row in summary.to_dict("records"):
         cells_ = [f"<td>{_e(row['initializer'])}</td>"]
@@ -425,9 +429,9 @@ def _summary_section(summary: pd.DataFrame, present: set[str]) -> str:
             peak = row.get(f"peak memory {p}")
             text = "" if peak is None or pd.isna(peak) else figures.human_bytes(peak)
             cells_.append(f"<td>{_link('memory', html.escape(text), present)}</td>")
-        for key in ("needs data", "rewrites W"):
-            cells_.append(f"<td>{_link('facts', _e(row[key]), present)}</td>")
-        cells_.append(f"<td>{_link('sharded' if row['sharded version'] == 'yes' else 'facts', _e(row['sharded version']), present)}</td>")
+        for key in FACT_COLUMNS:
+            cells_.append(f"<td>{_link('facts', _e(row.get(key, '')), present)}</td>")
+        cells_.append(f"<td>{_link('sharded' if row['sharded version'] != 'no' else 'facts', _e(row['sharded version']), present)}</td>")
         ratios = row.get("x floor")
         text = "" if not isinstance(ratios, tuple) else (f"{ratios[0]:.3g}x" if abs(ratios[1] - ratios[0]) < 0.05 * ratios[0]
                                                           else f"{ratios[0]:.3g}x–{ratios[1]:.3g}x")
@@ -445,8 +449,9 @@ def _summary_section(summary: pd.DataFrame, present: set[str]) -> str:
             "(median time over the floor, the range over its cells), the loss verdict sentence, and its layer-task "
             "outcomes against PEFT's default over every measured configuration. Each cell links to the section that "
             "backs it.</p>")
-    facts = ('<p class="note" id="facts">needs data, rewrites W and sharded version are facts of each method\'s '
-             "registry entry (its invariant class and statistics kind), not measurements.</p>")
+    facts = ('<p class="note" id="facts">' + ", ".join(FACT_COLUMNS) + " and sharded version are facts of each "
+             "method's registry entry (its invariant class, statistics kind, cost class and PEFT's name for it), not "
+             "measurements.</p>")
     return note + table + facts
 
 

@@ -280,12 +280,13 @@ def decision_summary(data: ResultSet, table: pd.DataFrame, totals: pd.DataFrame)
     records = []
     for name in sorted(names):
         spec = INITIALIZERS.get(name)
+        facts = spec.facts() if spec else {k: "unknown" for k in ("needs data", "rewrites W", "decomposition",
+                                                                   "cost class", "trains", "PEFT name")}
+        sharded = SHARDED.get(name)
         record: dict[str, Any] = {
             "initializer": name,
-            "needs data": ("yes: " + spec.statistics.name + " statistics") if spec and spec.needs_statistics else
-            ("no" if spec else "unknown"),
-            "rewrites W": ("yes (W_res = W − s·B·A)" if spec.invariant.value == "F" else "no") if spec else "unknown",
-            "sharded version": "yes" if name in SHARDED else "no",
+            **facts,
+            "sharded version": ("gathers W on every rank" if sharded.gathers_weight else "yes") if sharded else "no",
             "loss verdict": sentences.get(name, ""),
             "layer task": layer_outcomes.get(name, ""),
         }

@@ -56,8 +56,8 @@ def test_bad_arguments_are_clear_errors(argv, message, tmp_path, capsys):
 
 def test_unknown_initializer_is_rejected_by_argparse(capsys):
     with pytest.raises(SystemExit):
-        main(["run", "--preset", "smollm2-135m", "--initializers", "olora"])
-    assert "invalid choice: 'olora'" in capsys.readouterr().err
+        main(["run", "--preset", "smollm2-135m", "--initializers", "dora"])
+    assert "invalid choice: 'dora'" in capsys.readouterr().err
 
 
 def _folder(tmp_path, name: str, config) -> str:
@@ -124,7 +124,7 @@ def test_init_options_reach_the_initializer():
 
     assert _init_options(["lora_da.solver=eigh", "lora_da.official_seed=9"], ["lora_da"]) == {
         "lora_da": {"solver": "eigh", "official_seed": 9}}
-    for bad, message in ((["lora_da=eigh"], "use NAME.KEY=VALUE"), (["olora.x=1"], "unknown initializer"),
+    for bad, message in ((["lora_da=eigh"], "use NAME.KEY=VALUE"), (["dora.x=1"], "unknown initializer"),
                          (["pissa.niter=2"], "not among --initializers")):
         with pytest.raises(ValueError, match=message):
             _init_options(bad, ["lora_da"])

@@ -420,7 +420,8 @@ def _edited_copy(tmp_path: Path, module: str, name: str = "tree") -> Path:
     ("loram.py", {"loram_dst", "loram_rorth"}),              # one method's module: its initializers only
     ("noise.py", {"noise_zeros", "gaussian"}),
     ("bases.py", {"loram_dst", "loram_rorth"}),              # a module only LoRAM imports
-    ("linalg.py", {"pissa", "pissa_rsvd", "lora_sb", "lora_da"}),  # the randomized SVD's users (fidelity included)
+    # the randomized SVD's users (fidelity included), and what imports PiSSA's helpers (the minor triplets, CorDA)
+    ("linalg.py", {"pissa", "pissa_rsvd", "lora_sb", "lora_da", "lora_ga", "lora_one", "milora", "mica", "corda"}),
     ("validation.py", set(loram_ref.INITIALIZERS)),          # imported by every method
     ("__init__.py", set(loram_ref.INITIALIZERS)),            # the package itself
 ])

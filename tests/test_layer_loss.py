@@ -25,7 +25,7 @@ from .workers import layer_init_fails as _init_fails
 
 SMALL = ProblemSpec(top_directions=8, target_rank=4, target_scale=0.05)
 DECAYING = replace(SMALL, input_spectrum="decaying")
-NAMES = sorted(loram_ref.INITIALIZERS)
+NAMES = sorted(n for n, s in loram_ref.INITIALIZERS.items() if s.layer_task_excluded is None)
 
 
 def _task(name: str, m: int = 48, n: int = 40, **kw) -> LayerTask:
@@ -39,7 +39,8 @@ def _state(name: str, problem: LayerProblem, target: Target, rank: int = 4) -> t
                  spec=problem.spec.__dict__)
     init, _ = compute_init(task, problem, target)
     spec = loram_ref.get_initializer(name)
-    state = AdapterState(init.A, init.B, init.scaling, spec.invariant != Invariant.SHIFTED, init.R)
+    state = AdapterState(init.A, init.B, init.scaling, spec.invariant != Invariant.SHIFTED, init.R,
+                         train_b="B" in spec.trains)
     return state, init
 
 

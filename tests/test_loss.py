@@ -160,8 +160,8 @@ def test_data_errors(tmp_path):
 
 
 def test_bad_config_is_rejected(tmp_path, corpus_file):
-    with pytest.raises(ValueError, match="unknown initializer 'olora'"):
-        run_loss(_config(corpus_file, initializers=["olora"]), tmp_path, progress=False, source=tiny_llama_source())
+    with pytest.raises(ValueError, match="unknown initializer 'dora'"):
+        run_loss(_config(corpus_file, initializers=["dora"]), tmp_path, progress=False, source=tiny_llama_source())
     with pytest.raises(ValueError, match="--steps must be an integer >= 1"):
         run_loss(_config(corpus_file, steps=0), tmp_path, progress=False, source=tiny_llama_source())
 

@@ -37,8 +37,9 @@ def _summaries(rows):
 
 def test_every_initializer_lr_and_seed_is_one_run_and_statistics_run_once_per_seed(tmp_path, corpus_file, monkeypatch):
     calls = []
-    real = loss_run.collect_statistics
-    monkeypatch.setattr(loss_run, "collect_statistics", lambda kind, *a, **k: calls.append(kind.name) or real(kind, *a, **k))
+    real = loss_run.collect_shared
+    monkeypatch.setattr(loss_run, "collect_shared",
+                        lambda model, by_kind, *a, **k: calls.append(",".join(sorted(by_kind))) or real(model, by_kind, *a, **k))
     rows = run_loss(_config(corpus_file), tmp_path, progress=False, source=tiny_llama_source())
     runs = sorted((r["initializer"], r["lr"], r["seed"]) for r in _summaries(rows))
     assert runs == sorted((n, lr, s) for n in ("noise_zeros", "lora_sb") for lr in (1e-3, 3e-3) for s in (0, 1))
@@ -229,3 +230,22 @@ def test_the_crossed_bootstrap_holds_the_eval_blocks_sampling_error():
     analytic = math.sqrt(0.01**2 / seeds + 0.2**2 / blocks + 0.01**2 / (seeds * blocks))
     se = crossed_bootstrap_se(d)
     assert se > 5 * seeds_only and se == pytest.approx(analytic, rel=0.3)
+
+
+def test_one_statistics_pass_per_seed_serves_every_data_aware_initializer(tmp_path, corpus_file, monkeypatch):
+    """lora_sb, lora_ga and eva read three kinds; each seed runs one pass for all three, and
+    MiCA's B stays frozen while its A trains."""
+    calls = []
+    real = loss_run.collect_shared
+    monkeypatch.setattr(loss_run, "collect_shared",
+                        lambda model, by_kind, *a, **k: calls.append(sorted(by_kind)) or real(model, by_kind, *a, **k))
+    config = _config(corpus_file, initializers=["lora_sb", "lora_ga", "eva", "mica"], lrs=[1e-3], seeds=[0, 1])
+    rows = run_loss(config, tmp_path, progress=False, source=tiny_llama_source())
+    assert calls == [["gradient", "input_moments", "lora_sb"]] * 2
+    summaries = {(r["initializer"], r["seed"]): r for r in _summaries(rows)}
+    assert len(summaries) == 8 and all(not r["diverged_step"] for r in summaries.values())
+    for seed in (0, 1):
+        shared = {summaries[(name, seed)]["stats_seconds"] for name in ("lora_sb", "lora_ga", "eva")}
+        assert len(shared) == 1 and summaries[("lora_ga", seed)]["stats_pass_kinds"] == 3
+    # MiCA trains A alone: r·d_in of LoRA-GA's r·(d_in + d_out) per layer
+    assert 0 < summaries[("mica", 0)]["trainable_params"] < summaries[("lora_ga", 0)]["trainable_params"]

@@ -110,11 +110,11 @@ def test_result_does_not_depend_on_world_size(gathered, world):
 
 def test_noise_and_loram_send_what_their_specs_say(gathered):
     for (name, dtype_name, m, n, dim), got in gathered[4].items():
-        if name in ("noise_zeros", "gaussian"):
+        if name in ("noise_zeros", "gaussian", "orthogonal"):
             assert got[3] == 0
         elif name.startswith("loram"):
             assert got[3] == 12  # one float64 all-reduced over 4 ranks: 2·3/4·8 bytes
-        elif name == "pissa":  # the whole weight: (p - 1) padded shards
+        elif SHARDED[name].gathers_weight:  # the whole weight: (p - 1) padded shards
             item = {"torch.float64": 8, "torch.float32": 4, "torch.bfloat16": 2}[dtype_name]
             chunk = -(-(m if dim == 0 else n) // 4)
             assert got[3] == 3 * chunk * (n if dim == 0 else m) * item

@@ -25,6 +25,10 @@ def cmd_list(args) -> int:
 
     for name, spec in sorted(loram_ref.INITIALIZERS.items()):
         print(f"{name:<13} [{spec.invariant.value}] {spec.summary}\n{'':<17}{spec.paper}")
+        facts = spec.facts()
+        facts["sharded"] = (("yes, gathering the weight on every rank" if SHARDED[name].gathers_weight else "yes")
+                            if name in SHARDED else "no")
+        print(f"{'':<17}" + "; ".join(f"{k}: {v}" for k, v in facts.items()))
         keys = init_option_keys(name)
         if keys:
             print(f"{'':<17}options (--init-option {name}.KEY=VALUE): {', '.join(keys)}")

@@ -13,14 +13,14 @@ from bench.cli.report import write_report
 
 
 def cmd_full(args) -> int:
-    from bench.cli.suites import FULL_LAYER, FULL_LOSS
+    from bench.cli.suites import FULL_LAYER, FULL_LOSS, FULL_LOSS_PEERS
     from bench.core.results import read_rows
     from bench.layer.run import run_layer_loss
     from bench.layer.verdict import layer_verdict
     from bench.loss.run import run_loss
 
     started = time.perf_counter()
-    parts = ("layer", "model") if args.part == "all" else (args.part,)
+    parts = ("layer", "model", "peers") if args.part == "all" else (args.part,)
     if "layer" in parts:
         for suite in FULL_LAYER:
             part_started = time.perf_counter()
@@ -28,14 +28,16 @@ def cmd_full(args) -> int:
             run_layer_loss(suite.config(threads=args.threads), args.out, progress=not args.no_progress)
             print(f"  done in {time.perf_counter() - part_started:.0f} s", flush=True)
         print(f"layer level done in {time.perf_counter() - started:.0f} s", flush=True)
-    if "model" in parts:
+    for part, suite in (("model", FULL_LOSS), ("peers", FULL_LOSS_PEERS)):
+        if part not in parts:
+            continue
         model_started = time.perf_counter()
-        config = FULL_LOSS.config(threads=args.threads)
-        print(f"full suite, model level: {len(config.initializers)} initializers, {len(config.lrs)} starting lrs "
-              f"(bracketed) on {len(config.selection_seeds)} selection seed(s), {len(config.seeds)} evaluation seeds, "
-              f"{config.steps} steps into {args.out}", flush=True)
+        config = suite.config(threads=args.threads)
+        print(f"full suite, model level ({part}): {len(config.initializers)} initializers, {len(config.lrs)} starting "
+              f"lrs (bracketed) on {len(config.selection_seeds)} selection seed(s), {len(config.seeds)} evaluation "
+              f"seeds, {config.steps} steps into {args.out}", flush=True)
         run_loss(config, args.out, progress=not args.no_progress)
-        print(f"model level done in {time.perf_counter() - model_started:.0f} s", flush=True)
+        print(f"model level ({part}) done in {time.perf_counter() - model_started:.0f} s", flush=True)
     layer_rows = read_rows(args.out / "layer_loss.jsonl") if (args.out / "layer_loss.jsonl").is_file() else []
     if layer_rows:
         print_layer_verdict(layer_verdict(layer_rows), args.out)
@@ -75,7 +77,7 @@ def setup_arguments(sub: argparse._SubParsersAction, **_) -> None:
     p = sub.add_parser("full", help="the full loss suites of `tox -e bench-full`: the layer task (a target rank x scale "
                                     "plane, shapes and alignments, LoRAM gains; 20 evaluation seeds) and the model-level "
                                     "grid (5 evaluation seeds), bracketed lrs, report")
-    p.add_argument("--part", choices=("all", "layer", "model"), default="all",
+    p.add_argument("--part", choices=("all", "layer", "model", "peers"), default="all",
                    help="run one part alone (each resumes into --out; the report covers what the folder holds)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     add_common_run_args(p)

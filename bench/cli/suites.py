@@ -21,7 +21,7 @@ already there are not repeated (delete the folder, or pass another ``--out``, fo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,13 @@ import torch
 
 import loram_ref
 from bench.core.catalog import write_catalog
-from bench.core.defaults import DEFAULT_LOSS_INITIALIZERS, DEFAULT_RANK, QUICK_PRESETS
+from bench.core.defaults import (
+    DEFAULT_LOSS_INITIALIZERS,
+    DEFAULT_RANK,
+    PEER_LOSS_INITIALIZERS,
+    QUICK_PRESETS,
+    QUICK_SMALL_ONLY,
+)
 from bench.core.results import new_run_id, outcome_summary, read_rows
 from bench.initcost.history import append_history
 from bench.initcost.pyperf_format import export_init
@@ -88,6 +94,10 @@ QUICK_LOSS = LossSuite(tuple(DEFAULT_LOSS_INITIALIZERS), lrs=(1e-3,), seeds=(0, 
 #: the budget buys (more would need fewer steps).
 FULL_LOSS = LossSuite(tuple(DEFAULT_LOSS_INITIALIZERS), lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2), seeds=(0, 1, 2, 3, 4),
                       steps=40, overrides={"selection_seeds": [1000], "eval_every": 20})
+#: ``loram-bench full --part peers``: the same design for PEFT's other initializers, MiLoRA and
+#: LoRA-One, with noise-zeros as the reference (10 initializers: about 100 runs, ≈ 85 minutes
+#: on 2 cores at FULL_LOSS's ~50 s per run, plus one shared statistics pass per seed).
+FULL_LOSS_PEERS = replace(FULL_LOSS, initializers=tuple(PEER_LOSS_INITIALIZERS))
 
 
 @dataclass(frozen=True)
@@ -154,14 +164,16 @@ QUICK_LAYER = (
 #: Llama-2-7B's attention shape, at the default scale (where LoRAM's capacity floor is near 1)
 #: and at 0.5 (where it is not, so the gains can show what magnitude does in training).
 #: Inits predicted past 30 s are taken from the known SVD (full-SVD PiSSA) or skipped.
+#: Every registered initializer the layer task can run (its registry entry says why not, else).
+LAYER_TASK_INITIALIZERS = tuple(sorted(n for n, s in loram_ref.INITIALIZERS.items() if s.layer_task_excluded is None))
 _FULL_LAYER_COMMON = dict(lrs=FULL_LRS, seeds=tuple(range(20)), selection_seeds=(1000, 1001, 1002), init_limit_s=30.0)
 FULL_LAYER = (
-    LayerSuite(tuple(sorted(loram_ref.INITIALIZERS)), ("random",), shapes=((1536, 576),), target_ranks=PLANE_RANKS,
+    LayerSuite(LAYER_TASK_INITIALIZERS, ("random",), shapes=((1536, 576),), target_ranks=PLANE_RANKS,
                target_scales=PLANE_SCALES, label="(target rank, scale) plane", **_FULL_LAYER_COMMON),
-    LayerSuite(tuple(sorted(loram_ref.INITIALIZERS)), ALIGNMENTS,
+    LayerSuite(LAYER_TASK_INITIALIZERS, ALIGNMENTS,
                shapes=((576, 576), (1536, 576), (4096, 4096), (11008, 4096)), label="shapes and alignments",
                **_FULL_LAYER_COMMON),
-    LayerSuite(tuple(sorted(loram_ref.INITIALIZERS)), ("random",), shapes=((4096, 4096),), target_scales=(0.01, 0.5),
+    LayerSuite(LAYER_TASK_INITIALIZERS, ("random",), shapes=((4096, 4096),), target_scales=(0.01, 0.5),
                loram_gains=(0.25, 0.5, 1.0, 2.0), label="LoRAM gains (magnitude by intervention)", **_FULL_LAYER_COMMON),
 )
 
@@ -187,6 +199,17 @@ def measure_init(tasks: list[Task], out: Path, baseline: Path | None = None, *, 
     return added
 
 
+def quick_init_tasks(threads: int) -> list[Task]:
+    """The quick suite's init cells: every initializer on the first preset's shapes, and on the
+    others every initializer but :data:`QUICK_SMALL_ONLY` (a cell shared by two presets is
+    measured once)."""
+    tasks = init_tasks(QUICK_PRESETS[:1], rank=QUICK_TEMPLATE.rank, threads=threads, template=QUICK_TEMPLATE)
+    rest = [n for n in sorted(loram_ref.INITIALIZERS) if n not in QUICK_SMALL_ONLY]
+    seen = {t.key for t in tasks}
+    more = init_tasks(QUICK_PRESETS[1:], rest, rank=QUICK_TEMPLATE.rank, threads=threads, template=QUICK_TEMPLATE)
+    return tasks + [t for t in more if t.key not in seen]
+
+
 def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, baseline: Path | None = None
               ) -> list[tuple[str, bool]]:
     """Run the quick suite into ``out``. With ``baseline``, every init measurement is also
@@ -194,7 +217,7 @@ def run_quick(out: Path, *, progress: bool = True, skip_loss: bool = False, base
     Returns each worker-measured part's summary line and whether all of its rows failed."""
     started = time.perf_counter()
     threads = min(2, torch.get_num_threads())
-    tasks = init_tasks(QUICK_PRESETS, rank=QUICK_TEMPLATE.rank, threads=threads, template=QUICK_TEMPLATE)
+    tasks = quick_init_tasks(threads)
     run_id = new_run_id()
     measure_init(tasks, out, baseline, sources=QUICK_PRESETS, progress=progress, calibrate=True, run_id=run_id)
     print(f"init cost: {len(tasks)} measurements in {time.perf_counter() - started:.0f} s", flush=True)

@@ -50,14 +50,24 @@ def init_tasks(
         print(f"note: --rank {rank} exceeds min(d_out, d_in) of {len(too_small)} layer shape(s), not measured: "
               + ", ".join(f"{s.d_out}x{s.d_in} ({s.role})" for s in too_small), file=sys.stderr)
     tasks = []
+    refused: dict[str, str] = {}
     for shape, source in shapes.values():
         if rank > min(shape.d_out, shape.d_in):
             continue
         for name in names:
+            problem = loram_ref.get_initializer(name).rank_problem(shape.d_out, shape.d_in, rank)
+            if problem:  # the registry's rank rule: a rank the method refuses at this shape
+                refused.setdefault(name, problem)
+                continue
             tasks.append(replace(
                 base, initializer=name, d_out=shape.d_out, d_in=shape.d_in, rank=rank, role=shape.role,
                 count=shape.count, preset=source, dtype=dtype, device=device, threads=threads,
             ))
+    for name, problem in refused.items():
+        print(f"note: {name} not measured where it refuses --rank {rank}: {problem}", file=sys.stderr)
+    if not tasks:
+        raise ValueError(f"no task: every initializer named refuses --rank {rank} at every shape "
+                         f"({'; '.join(refused.values())})")
     # a worker holds W and, for an in-place initializer, the pristine copy that restores it
     needs: dict[str, int] = {}
     for t in tasks:

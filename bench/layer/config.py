@@ -79,6 +79,9 @@ class LayerConfig:
             raise ValueError("--initializers is empty: name at least one (see `loram-bench list`)")
         for name in self.initializers:
             spec = loram_ref.get_initializer(name)
+            if spec.layer_task_excluded:
+                raise ValueError(f"{name} cannot run in the layer task: {spec.layer_task_excluded}; leave it out of "
+                                 "--initializers")
             if spec.needs_statistics and spec.statistics.from_oracle is None:
                 raise ValueError(f"{name}'s statistics cannot come from the layer task; leave it out of --initializers")
         for key in ("steps", "rank", "batch_size", "sb_samples"):

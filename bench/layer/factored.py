@@ -37,7 +37,8 @@ class AdapterState:
     """The trainable factors and their step-0 copies.
 
     ``middle`` is LoRA-SB's R (then only R trains; A and B are frozen), else None (A and B
-    train). ``preserves_function``: the initializer rewrote W so that W_eff(0) = W.
+    train, or only A where ``train_b`` is False: MiCA). ``preserves_function``: the
+    initializer rewrote W so that W_eff(0) = W.
     """
 
     a: torch.Tensor
@@ -45,6 +46,7 @@ class AdapterState:
     scaling: float
     preserves_function: bool
     middle: torch.Tensor | None = None
+    train_b: bool = True
     a0: torch.Tensor = field(init=False)
     p0: torch.Tensor = field(init=False)
 
@@ -55,13 +57,20 @@ class AdapterState:
             self.middle = self.middle.detach().float().clone().requires_grad_(True)
         else:
             self.a.requires_grad_(True)
-            self.b.requires_grad_(True)
+            self.b.requires_grad_(self.train_b)
         self.a0 = self.a.detach().clone()
         self.p0 = self.product_left().detach().clone()
 
     @property
     def parameters(self) -> list[torch.Tensor]:
-        return [self.middle] if self.middle is not None else [self.a, self.b]
+        if self.middle is not None:
+            return [self.middle]
+        return [self.a, self.b] if self.train_b else [self.a]
+
+    @property
+    def only_a(self) -> bool:
+        """Only A trains (B frozen, no middle factor): MiCA."""
+        return self.middle is None and not self.train_b
 
     @property
     def trainable(self) -> int:

@@ -17,6 +17,11 @@ The loss is ``L = ‖E·Σ^½‖_F² / ‖ΔW*·Σ^½‖_F²`` with the error ``
   aligned with the target (LoRAM, PiSSA against a random target), ``C`` has ``r + k``
   comparable singular values and the rank-r update must spend itself on cancelling the
   initial product: the floor is near 1 however long it trains.
+* **Only A trains** (MiCA: B frozen at its step-0 value). ``E = s·B₀·X − C`` with X any
+  r x n matrix, so the floor is what the projection onto ``col(B₀)`` leaves:
+
+      floor = (‖C·Σ^½‖² − ‖Q_Bᵀ·C·Σ^½‖²) / ‖ΔW*·Σ^½‖².
+
 * **Only R trains** (LoRA-SB: ``P = B·R`` with A and B frozen). ``E = B·X·A − C`` with
   ``X`` any r x r matrix (``s·(R − R₀)``, or ``s·R`` when shifted), so the floor is what
   the projection onto ``col(B) ⊗ row(A·Σ^½)`` leaves of ``C·Σ^½``:
@@ -43,13 +48,13 @@ def _core(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
 
 
 def capacity_floor(a0: torch.Tensor, p0: torch.Tensor, scaling: float, target: Target, input_var: torch.Tensor,
-                   rank: int, *, preserves_function: bool, only_middle: bool = False,
+                   rank: int, *, preserves_function: bool, only_middle: bool = False, only_a: bool = False,
                    b: torch.Tensor | None = None) -> float:
     """The run's capacity floor (see the module docstring).
 
     ``a0`` (r x n) and ``p0`` (m x r) are the step-0 factors (``p0 = B₀·R₀`` for LoRA-SB),
     ``scaling`` the LoRA scaling s. ``only_middle``: only LoRA-SB's R trains; ``b`` is then
-    its frozen B (m x r).
+    its frozen B (m x r). ``only_a``: only A trains (MiCA); ``b`` is its frozen B.
     """
     sqrt_var = input_var.to(target.right.device).double().sqrt()[:, None]
     t_left, t_right = target.left.double(), target.right.double() * sqrt_var  # ΔW*·Σ^½ = t_left·t_rightᵀ
@@ -62,6 +67,14 @@ def capacity_floor(a0: torch.Tensor, p0: torch.Tensor, scaling: float, target: T
     else:
         c_left, c_right = t_left, t_right
     core = _core(c_left, c_right)
+    if only_a:
+        if b is None:
+            raise ValueError("capacity_floor(only_a=True) needs the frozen B as b")
+        q_b, _ = torch.linalg.qr(b.double())
+        _, r_right = torch.linalg.qr(c_right)
+        projected = (q_b.mT @ c_left) @ r_right.mT  # Q_Bᵀ·C·Σ^½ in the row basis of C·Σ^½
+        left_over = float(core.square().sum()) - float(projected.square().sum())
+        return max(0.0, left_over) / norm_sq
     if only_middle:
         if b is None:
             raise ValueError("capacity_floor(only_middle=True) needs LoRA-SB's frozen B as b")

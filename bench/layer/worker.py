@@ -220,10 +220,10 @@ def run_layer_task(task: LayerTask, context: BatchContext | None = None) -> dict
     torch.set_num_threads(TRAIN_THREADS)
     state = AdapterState(init.A.to(device), init.B.to(device), init.scaling,
                          preserves_function=spec.invariant != Invariant.SHIFTED,
-                         middle=init.R.to(device) if init.R is not None else None)
+                         middle=init.R.to(device) if init.R is not None else None, train_b="B" in spec.trains)
     floor = capacity_floor(state.a0, state.p0, state.scaling, target, problem.input_var.to(device), task.rank,
                            preserves_function=state.preserves_function, only_middle=state.middle is not None,
-                           b=state.b if state.middle is not None else None)
+                           only_a=state.only_a, b=state.b if state.middle is not None or state.only_a else None)
     with reusable_heap(), cpu_peak() as cpu, gpu_peak(device) as gpu:
         t0 = time.perf_counter()
         curve = train_layer(state, target, problem.input_var.to(device), steps=task.steps, lr=task.lr,

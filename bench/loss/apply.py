@@ -5,7 +5,8 @@ then, per targeted linear layer, the initializer runs on the frozen base weight 
 set ``lora_A``, ``lora_B`` and, where the method rewrites ``W``, the base weight. The
 result is an ordinary PEFT model that saves and loads as usual.
 
-LoRA-SB trains only the r x r matrix R between frozen B and A (LoRA-XS form). It is
+The factors the registry's ``trains`` leaves out are frozen (MiCA: B). LoRA-SB trains only
+the r x r matrix R between frozen B and A (LoRA-XS form). It is
 attached as a parametrization of ``lora_A.weight`` (``weight = R·A``), so PEFT's forward
 is unchanged; :func:`merge_lora_sb` folds R into A before saving, which leaves a normal
 PEFT adapter with ``lora_A = R·A``.
@@ -89,6 +90,9 @@ def apply_initializer(
         lora_b.weight.data = init.B.to(lora_b.weight.dtype).contiguous()
         if init.residual is not None:
             weight.data = init.residual.to(weight.dtype)
+        for label, factor in (("A", lora_a), ("B", lora_b)):  # what the registry says trains (MiCA: A only)
+            if label not in spec.trains:
+                factor.weight.requires_grad_(False)
         if init.R is not None:
             lora_a.weight.requires_grad_(False)
             lora_b.weight.requires_grad_(False)

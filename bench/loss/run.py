@@ -32,7 +32,7 @@ from bench.loss.apply import apply_initializer, lora_layers, merge_lora_sb, snap
 from bench.loss.config import LossConfig
 from bench.loss.data import Blocks, load_corpus, make_blocks
 from bench.loss.model import TARGETS, ModelSource, local_source, quiet_transformers, smollm2_source
-from bench.loss.stats_pass import Collected, collect_statistics
+from bench.loss.stats_pass import Collected, collect_shared
 from bench.loss.train import eval_loss, train
 from bench.loss.verdict import write_verdict
 from loram_ref import CollectContext, StatisticsKind
@@ -46,16 +46,19 @@ class _Statistics:
     lr: float  # the learning rate it was collected at (LoRA-SB's η depends on it)
 
 
-def _collect(kind: StatisticsKind, source: ModelSource, blocks: Blocks, config: LossConfig, targets: list[str]
-             ) -> _Statistics:
-    """``kind``'s statistics pass on a fresh base model, over the seed's first training blocks."""
+def _collect(kinds: list[StatisticsKind], source: ModelSource, blocks: Blocks, config: LossConfig,
+             targets: list[str]) -> dict[str, _Statistics]:
+    """Every kind's statistics from one pass on a fresh base model, each over the seed's first
+    ``config.stats_samples(kind)`` training blocks (``bench.loss.stats_pass.collect_shared``)."""
     dtype = getattr(torch, config.dtype)
     model, _ = source.load(dtype, config.device)
-    ids = blocks.train[blocks.order[: config.stats_samples(kind)]].to(config.device)
     lr = config.lrs[0]
     ctx = CollectContext(batch_size=config.batch_size, lr=lr, num_train=len(blocks.train),
                          warmup_ratio=config.sb_warmup_ratio)
-    return _Statistics(collect_statistics(kind, model, ids, targets, ctx), lr)
+    blocks_by_kind = {kind.name: (kind, blocks.train[blocks.order[: config.stats_samples(kind)]].to(config.device))
+                      for kind in kinds}
+    return {name: _Statistics(collected, lr)
+            for name, collected in collect_shared(model, blocks_by_kind, targets, ctx).items()}
 
 
 def _omp_settings() -> dict[str, str]:
@@ -153,13 +156,14 @@ def _choices(rows: list[dict[str, Any]], key: str, config: LossConfig) -> dict[s
 
 class _Runner:
     """Runs (seed, initializer, lr) items of one configuration, appending their rows; a
-    seed's statistics pass is collected once and kept while consecutive items share it."""
+    seed's statistics, for every data-aware initializer of the configuration, come from one
+    pass, kept while consecutive items share the seed."""
 
     def __init__(self, config, source, split, targets, amp, meta, rows, path, progress) -> None:
         self.config, self.source, self.split, self.targets, self.amp = config, source, split, targets, amp
         self.meta, self.rows, self.path, self.progress = meta, rows, path, progress
         self.base = None
-        self.cached: tuple[tuple[str, int], _Statistics] | None = None
+        self.cached: tuple[int, dict[str, _Statistics]] | None = None
 
     def run(self, items: list[tuple[int, str, float]], stage: str) -> None:
         config = self.config
@@ -181,10 +185,12 @@ class _Runner:
             kind = loram_ref.get_initializer(name).statistics
             statistics = None
             if kind.needed:
-                if self.cached is None or self.cached[0] != (kind.name, seed):
-                    self.cached = None  # one pass in memory at a time (seeds are the outer loop)
-                    self.cached = ((kind.name, seed), _collect(kind, self.source, blocks, config, self.targets))
-                statistics = self.cached[1]
+                if self.cached is None or self.cached[0] != seed:
+                    self.cached = None  # one seed's statistics in memory at a time (seeds are the outer loop)
+                    kinds = {s.statistics.name: s.statistics for s in map(loram_ref.get_initializer, config.initializers)
+                             if s.needs_statistics}
+                    self.cached = (seed, _collect(list(kinds.values()), self.source, blocks, config, self.targets))
+                statistics = self.cached[1][kind.name]
             alpha, rslora = config.lora_setup(name)
             run_meta = {**self.meta, "lr": float(lr), "seed": int(seed), "alpha": alpha, "use_rslora": rslora,
                         "stage": stage}

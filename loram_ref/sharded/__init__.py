@@ -14,7 +14,7 @@ any world size. Every byte sent goes through :class:`Collectives` and is counted
 
 from __future__ import annotations
 
-from . import loram, noise, pissa  # noqa: F401  (registration side effect)
+from . import loram, noise, olora, pissa  # noqa: F401  (registration side effect)
 from .comm import Collectives, Ledger
 from .layout import Layout, layout_of
 from .pissa import gather_weight, sharded_randomized_svd

@@ -143,6 +143,37 @@ def gather_weight(local: torch.Tensor, lay: Layout, comm: Collectives) -> torch.
     return whole if lay.dim == 0 else whole.mT
 
 
+def gathered_init(name: str, weight: DTensor, rank: int, scaling: float, comm: Collectives | None,
+                  inplace: bool = False, **kwargs) -> ShardedLoraInit:
+    """The gather baseline of any single-process initializer ``name``: every rank gathers ``W``
+    (:func:`gather_weight`), runs it on the whole weight (the same computation p times over)
+    and keeps its block of the factors and the residual."""
+    lay = layout_of(weight)
+    comm = comm or Collectives(weight.device_mesh.get_group())
+    local = weight.to_local()
+    whole = gather_weight(local, lay, comm)
+    spec = get_initializer(name)
+    if "inplace" in spec.harness:
+        kwargs[spec.harness["inplace"]] = True  # the gathered copy is this call's own
+    init = spec.fn(whole, rank, scaling, **kwargs)
+    if init.residual is not None:
+        residual = lay.block(init.residual)
+        residual = local.copy_(residual) if inplace else residual.clone(memory_format=torch.contiguous_format)
+        init.residual = residual
+    if lay.dim == 0:
+        init.B = lay.block(init.B, dim=0).clone()
+    else:
+        init.A = lay.block(init.A, dim=1).contiguous()
+    init.info = {**init.info, "gathered": True, "world_size": lay.world}
+    del whole
+    if init.residual is None:
+        return ShardedLoraInit(method=init.method,
+                               A=sharded(init.A, weight, 1, (rank, lay.shape[1])) if lay.dim == 1 else replicated(init.A, weight),
+                               B=sharded(init.B, weight, 0, (lay.shape[0], rank)) if lay.dim == 0 else replicated(init.B, weight),
+                               scaling=init.scaling, residual=None, info=init.info)
+    return _wrap(init, weight, lay, rank)
+
+
 @register_sharded(
     "pissa",
     communication="one all-gather of the whole weight to every rank",
@@ -160,21 +191,35 @@ def pissa(weight: DTensor, rank: int, scaling: float = 1.0, *, inplace: bool = F
     ``U``, ``Vᵀ``; ``(p − 1)·|shard|`` bytes sent. The baseline the sharded methods are
     measured against.
     """
-    lay = layout_of(weight)
-    comm = comm or Collectives(weight.device_mesh.get_group())
-    local = weight.to_local()
-    whole = gather_weight(local, lay, comm)
-    init = get_initializer("pissa").fn(whole, rank, scaling, inplace=True, check_input=check_input)
-    residual = lay.block(init.residual)
-    if inplace:
-        residual = local.copy_(residual)
-    else:
-        residual = residual.clone(memory_format=torch.contiguous_format)
-    if lay.dim == 0:
-        init.B = lay.block(init.B, dim=0).clone()
-    else:
-        init.A = lay.block(init.A, dim=1).contiguous()
-    init.residual = residual
-    init.info = {**init.info, "gathered": True, "world_size": lay.world}
-    del whole
-    return _wrap(init, weight, lay, rank)
+    return gathered_init("pissa", weight, rank, scaling, comm, inplace=inplace, check_input=check_input)
+
+
+_GATHER = "one all-gather of the whole weight to every rank"
+
+
+@register_sharded("milora", communication=_GATHER, tolerance=_SVD_TOLERANCE, sign_free=True, gathers_weight=True,
+                  summary="the gather baseline: W gathered on every rank, its full SVD's minor triplets there")
+def milora(weight: DTensor, rank: int, scaling: float = 1.0, *, inplace: bool = False, check_input: bool = True,
+           comm: Collectives | None = None) -> ShardedLoraInit:
+    """:func:`loram_ref.minor.milora` on the gathered weight (the minor triplets need the full SVD)."""
+    return gathered_init("milora", weight, rank, scaling, comm, inplace=inplace, check_input=check_input)
+
+
+@register_sharded("mica", communication=_GATHER, tolerance=_SVD_TOLERANCE, sign_free=True, gathers_weight=True,
+                  summary="the gather baseline: W gathered on every rank, its full SVD's minor left vectors there")
+def mica(weight: DTensor, rank: int, scaling: float = 1.0, *, check_input: bool = True,
+         comm: Collectives | None = None) -> ShardedLoraInit:
+    """:func:`loram_ref.minor.mica` on the gathered weight."""
+    return gathered_init("mica", weight, rank, scaling, comm, check_input=check_input)
+
+
+@register_sharded("loftq", communication=_GATHER, tolerance={torch.float32: 2e-4, torch.float64: 1e-9,
+                                                             torch.bfloat16: 2e-2},
+                  sign_free=True, gathers_weight=True,
+                  summary="the gather baseline: W gathered on every rank, quantized and decomposed there")
+def loftq(weight: DTensor, rank: int, scaling: float = 1.0, *, bits: int = 4, iterations: int = 1,
+          check_input: bool = True, comm: Collectives | None = None) -> ShardedLoraInit:
+    """:func:`loram_ref.loftq.loftq` on the gathered weight (NF4 blocks run along the flattened
+    whole weight, so a shard alone cannot be quantized as one process would)."""
+    return gathered_init("loftq", weight, rank, scaling, comm, bits=bits, iterations=iterations,
+                         check_input=check_input)

@@ -1,14 +1,14 @@
-"""Collecting the data-aware initializers' layer statistics from a model and its data.
+"""Each data-aware initializer's layer statistics, from the sums of the one statistics pass
+they share (``.moments``) or from a layer task's gradient oracle, as the papers define them,
+on an ``nn.Module`` whose targeted ``nn.Linear`` layers are named by their last path component:
 
-These are the statistics passes the papers define, as pure torch on an ``nn.Module``
-whose targeted ``nn.Linear`` layers are named by their last path component:
-
-* LoRA-SB (docs/initializers.md §3 "Data statistic"): the base model's gradients summed over the given
-  batches (each batch's mean loss divided by its size), then ``ΔW = -η·sign(Σ∇W)``,
-  Adam's first step from zero moments.
-* LoRA-DA (docs/initializers.md §4 steps 1-2): the mean gradient ``G`` over samples at batch size 1,
-  the K-FAC input factor ``Z = (1/T) Σ_t x_t x_tᵀ`` and the diagonal output factor
-  ``y² = (1/T) Σ_t (∂L_j/∂y_t)²`` of every targeted linear layer.
+* LoRA-SB (docs/initializers.md §3 "Data statistic"): ``ΔW = -η·sign(Σ_j ∇L_j)``, Adam's first
+  step from zero moments (the sign of the batch-mean gradients' sum, for batches of one size).
+* LoRA-DA (docs/initializers.md §4 steps 1-2): the mean gradient ``G``, the K-FAC input factor
+  ``Z = (1/T) Σ_t x_t x_tᵀ`` and the diagonal output factor ``y² = (1/T) Σ_t (∂L_j/∂y_t)²``.
+* LoRA-GA and LoRA-One (§6): the mean gradient ``G``.
+* CorDA (§6): the input covariance as PEFT builds it (each sample scaled by its largest input).
+* EVA (§6): the input moments ``Σxxᵀ/T`` and ``Σx/T``.
 
 Only the targeted linear weights keep gradients. Timing and peak memory of a pass are
 the benchmark's business (``bench.loss.stats_pass``), not this module's.
@@ -22,7 +22,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from .types import LoraDAStats, LoraSBStats
+from .moments import LayerMoments, collect_moments
+from .types import GradientStats, InputCovarianceStats, InputMomentsStats, LoraDAStats, LoraSBStats
 
 
 def causal_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
@@ -61,91 +62,89 @@ def target_layers(model, names: list[str]) -> dict[str, torch.nn.Linear]:
     }
 
 
-def _only_targets_require_grad(model, targets: dict[str, torch.nn.Linear]) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in targets.values():
-        m.weight.requires_grad_(True)
-
-
 def gradient_sign_update(model, batches: list[torch.Tensor], target_names: list[str], eta: float,
                          loss_fn=causal_lm_loss) -> dict[str, LoraSBStats]:
-    """LoRA-SB's ``ΔW = -η·sign(Σ_b ∇(loss_b/|b|))`` per targeted layer (docs/initializers.md §3 step 4)."""
-    targets = target_layers(model, target_names)
-    _only_targets_require_grad(model, targets)
-    sums = {k: torch.zeros_like(m.weight, dtype=torch.float32) for k, m in targets.items()}
-    for ids in batches:
-        model.zero_grad(set_to_none=True)
-        (loss_fn(model, ids) / ids.shape[0]).backward()
-        for k, m in targets.items():
-            sums[k] += m.weight.grad.float()
-    model.zero_grad(set_to_none=True)
-    return {k: LoraSBStats.from_gradient_sum(g, eta) for k, g in sums.items()}
+    """LoRA-SB's ``ΔW = -η·sign(Σ∇W)`` per targeted layer (docs/initializers.md §3 step 4) over
+    ``batches`` (blocks of one length, batches of one size: the sign of the batch-mean
+    gradients' sum is that of the per-sample sum the shared pass accumulates)."""
+    blocks = torch.cat(list(batches))
+    moments = collect_moments(model, blocks, target_layers(model, target_names), {"grad"},
+                              batch_size=len(batches[0]), loss_fn=loss_fn)[len(blocks)]
+    return {k: LoraSBStats.from_gradient_sum(v.grad_sum, eta) for k, v in moments.items()}
 
 
 def kfac_statistics(model, blocks: torch.Tensor, target_names: list[str], num_train: int,
-                    loss_fn=causal_lm_loss) -> tuple[dict[str, LoraDAStats], int]:
-    """LoRA-DA's mean gradient, K-FAC input factor and diagonal output factor, batch size 1.
+                    loss_fn=causal_lm_loss, batch_size: int = 1) -> tuple[dict[str, LoraDAStats], int]:
+    """LoRA-DA's mean gradient, K-FAC input factor and diagonal output factor (docs/initializers.md §4
+    steps 1-2), from one pass of the shared statistics pass (``.moments``).
 
-    One pass computes all three: the spec's two passes run over the same samples
-    (fisher_offset 0), so the gradient pass and the factor pass see identical inputs.
-    Returns the statistics per layer and the number of tokens ``T``.
+    The spec's two passes run over the same samples (fisher_offset 0), so one pass computes
+    all three. Returns the statistics per layer and the number of tokens ``T``.
     """
-    targets = target_layers(model, target_names)
-    _only_targets_require_grad(model, targets)
-    device = next(model.parameters()).device
-    grads = {k: torch.zeros_like(m.weight, dtype=torch.float32) for k, m in targets.items()}
-    z = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=device) for k, m in targets.items()}
-    y2 = {k: torch.zeros(m.out_features, dtype=torch.float32, device=device) for k, m in targets.items()}
-    tokens = 0
-    handles = []
-    for key, module in targets.items():
-        def output_grad_hook(g: torch.Tensor, key: str = key) -> None:
-            y2[key].add_(g.detach().reshape(-1, g.shape[-1]).float().square().sum(0))  # Σ_t (∂L_j/∂y_t)²
+    moments = collect_moments(model, blocks, target_layers(model, target_names), LORA_DA_NEEDS,
+                              batch_size=batch_size, loss_fn=loss_fn)[len(blocks)]
+    stats = {k: lora_da_from_moments(v, num_train) for k, v in moments.items()}
+    return stats, next(iter(moments.values())).tokens if moments else 0
 
-        def forward_hook(_module, inputs, output, key=key, grad_hook=output_grad_hook):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            z[key].addmm_(x.mT, x)  # Σ_t x_t x_tᵀ
-            if output.requires_grad:
-                output.register_hook(grad_hook)
 
-        handles.append(module.register_forward_hook(forward_hook))
-    try:
-        for ids in blocks:
-            ids = ids[None, :]
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, ids).backward()  # L_j: the sample's mean token loss
-            tokens += ids.numel()
-            for k, m in targets.items():
-                grads[k] += m.weight.grad.float()
-    finally:
-        for h in handles:
-            h.remove()
-    model.zero_grad(set_to_none=True)
-    n = len(blocks)
-    stats = {
-        k: LoraDAStats(grad=grads[k] / n, input_factor=z[k] / tokens, output_factor=y2[k] / tokens, num_train=num_train)
-        for k in targets
-    }
-    return stats, tokens
+#: What each kind reads from the shared pass (``.moments.NEEDS``).
+LORA_SB_NEEDS = frozenset({"grad"})
+LORA_DA_NEEDS = frozenset({"grad", "input", "output"})
+GRADIENT_NEEDS = frozenset({"grad"})
+CORDA_NEEDS = frozenset({"input_peak"})
+EVA_NEEDS = frozenset({"input"})
+
+
+def lora_sb_from_moments(moments: LayerMoments, ctx: CollectContext) -> tuple[LoraSBStats, dict[str, Any]]:
+    """``ΔW = -η·sign(Σ_j ∇L_j)`` with η by the repo's formula (docs/initializers.md §3 resolution b,
+    a documented quirk: the lr over warm-up ratio times the batches of one epoch)."""
+    moments.require("grad_sum")
+    eta = LoraSBStats.eta_from_repo(ctx.lr, ctx.warmup_ratio, ctx.batches_per_epoch)
+    return LoraSBStats.from_gradient_sum(moments.grad_sum, eta), {"eta_eff": eta}
+
+
+def lora_da_from_moments(moments: LayerMoments, num_train: int) -> LoraDAStats:
+    """``G = Σ∇L_j/N``, ``Z = Σxxᵀ/T``, ``y² = Σ(∂L_j/∂y)²/T`` (docs/initializers.md §4 steps 1-2)."""
+    moments.require("grad_sum", "input_sq", "output_sq")
+    return LoraDAStats(grad=moments.grad_sum / moments.samples, input_factor=moments.input_sq / moments.tokens,
+                       output_factor=moments.output_sq / moments.tokens, num_train=num_train)
+
+
+def gradient_from_moments(moments: LayerMoments, ctx: CollectContext) -> tuple[GradientStats, dict[str, Any]]:
+    """LoRA-GA's and LoRA-One's mean gradient ``G = Σ_j ∇L_j / N`` (docs/initializers.md §6)."""
+    moments.require("grad_sum")
+    return GradientStats(grad=moments.grad_sum / moments.samples, samples=moments.samples), {
+        "samples": moments.samples}
+
+
+def corda_from_moments(moments: LayerMoments, ctx: CollectContext) -> tuple[InputCovarianceStats, dict[str, Any]]:
+    """CorDA's covariance as PEFT builds it: the mean over samples of ``X̃ᵀX̃``, ``X̃ = X/|max X|``."""
+    moments.require("input_peak_sq")
+    return InputCovarianceStats(covariance=moments.input_peak_sq / moments.samples, samples=moments.samples), {
+        "samples": moments.samples, "tokens": moments.tokens}
+
+
+def eva_from_moments(moments: LayerMoments, ctx: CollectContext) -> tuple[InputMomentsStats, dict[str, Any]]:
+    """EVA's input moments ``M = Σxxᵀ/T`` and ``μ = Σx/T`` (docs/initializers.md §6)."""
+    moments.require("input_sq", "input_sum")
+    t = moments.tokens
+    return InputMomentsStats(second_moment=moments.input_sq / t, mean=moments.input_sum / t, tokens=t), {
+        "tokens": t}
 
 
 def collect_lora_sb(model, blocks: torch.Tensor, target_names: list[str], ctx: CollectContext
                     ) -> tuple[dict[str, LoraSBStats], dict[str, Any]]:
-    """The LoRA-SB statistics kind's collector: ``blocks`` in batches of ``ctx.batch_size``.
-
-    η_eff by the repo's formula (docs/initializers.md §3 resolution b, a documented quirk): the lr over
-    warm-up ratio times the number of batches of one epoch of the train set.
-    """
-    eta = LoraSBStats.eta_from_repo(ctx.lr, ctx.warmup_ratio, ctx.batches_per_epoch)
-    batches = [blocks[i : i + ctx.batch_size] for i in range(0, len(blocks), ctx.batch_size)]
-    return gradient_sign_update(model, batches, target_names, eta, ctx.loss_fn), {"eta_eff": eta}
+    """The LoRA-SB statistics kind's collector on its own: ``blocks`` in batches of ``ctx.batch_size``."""
+    moments = collect_moments(model, blocks, target_layers(model, target_names), LORA_SB_NEEDS,
+                              batch_size=ctx.batch_size, loss_fn=ctx.loss_fn)[len(blocks)]
+    out = {k: lora_sb_from_moments(v, ctx) for k, v in moments.items()}
+    return {k: v[0] for k, v in out.items()}, next(iter(out.values()))[1] if out else {}
 
 
 def collect_lora_da(model, blocks: torch.Tensor, target_names: list[str], ctx: CollectContext
                     ) -> tuple[dict[str, LoraDAStats], dict[str, Any]]:
-    """The LoRA-DA statistics kind's collector: one sample at a time (docs/initializers.md §4)."""
-    stats, tokens = kfac_statistics(model, blocks, target_names, ctx.num_train, ctx.loss_fn)
+    """The LoRA-DA statistics kind's collector on its own (docs/initializers.md §4)."""
+    stats, tokens = kfac_statistics(model, blocks, target_names, ctx.num_train, ctx.loss_fn, ctx.batch_size)
     return stats, {"tokens": tokens, "num_train": ctx.num_train}
 
 
@@ -182,3 +181,27 @@ def lora_da_from_oracle(oracle: GradientOracle, ctx: CollectContext, samples: in
     grad, z, y2, tokens = oracle.kfac(samples)
     return LoraDAStats(grad=grad, input_factor=z, output_factor=y2, num_train=ctx.num_train), {
         "tokens": tokens, "num_train": ctx.num_train}
+
+
+def gradient_from_oracle(oracle: GradientOracle, ctx: CollectContext, samples: int
+                         ) -> tuple[GradientStats, dict[str, Any]]:
+    """The mean gradient over ``samples`` inputs (one batch of them) from a layer task."""
+    samples = max(1, samples)
+    return GradientStats(grad=oracle.gradient_sum(1, samples), samples=samples), {"samples": samples}
+
+
+def corda_from_oracle(oracle: GradientOracle, ctx: CollectContext, samples: int
+                      ) -> tuple[InputCovarianceStats, dict[str, Any]]:
+    """CorDA's covariance from a layer task: its input second moment ``Z`` (the layer task's
+    inputs are single tokens, so PEFT's division of a sample by its largest value is a
+    per-token rescaling this task does not model)."""
+    _, z, _, tokens = oracle.kfac(samples)
+    return InputCovarianceStats(covariance=z, samples=tokens), {"tokens": tokens}
+
+
+def eva_from_oracle(oracle: GradientOracle, ctx: CollectContext, samples: int
+                    ) -> tuple[InputMomentsStats, dict[str, Any]]:
+    """EVA's moments from a layer task: ``M = Z``, ``μ = 0`` (its inputs have mean zero)."""
+    _, z, _, tokens = oracle.kfac(samples)
+    return InputMomentsStats(second_moment=z, mean=torch.zeros(z.shape[0], device=z.device), tokens=max(tokens, 1)), {
+        "tokens": tokens}

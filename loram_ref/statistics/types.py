@@ -89,3 +89,82 @@ class LoraDAStats:
         y2 = torch.randn(m, generator=generator, device=device).square_().mul_(1e-4)
         grad = torch.randn(m, n, generator=generator, device=device).mul_(1e-3)
         return cls(grad=grad, input_factor=z, output_factor=y2, num_train=num_train)
+
+
+@dataclass(frozen=True)
+class GradientStats:
+    """The mean gradient ``G = (1/N) Σ_j ∇_W L_j`` over N samples (m x n, PyTorch orientation),
+    ``L_j`` a sample's mean token loss: what LoRA-GA and LoRA-One read (docs/initializers.md §6).
+    It is the same quantity as LoRA-DA's ``G`` and, up to its positive scale, the gradient sum
+    whose sign is LoRA-SB's update: one statistics pass serves all four."""
+
+    grad: torch.Tensor
+    samples: int = 0
+
+    def validate(self, shape: tuple[int, int]) -> None:
+        check_shape(self.grad, shape, "stats.grad")
+        if self.samples < 0:
+            raise ValueError(f"stats.samples must be >= 0, got {self.samples}")
+
+    @classmethod
+    def synthetic(cls, m: int, n: int, generator: torch.Generator, device="cpu") -> "GradientStats":
+        """A Gaussian mean gradient plus a rank-4 component (a gradient has a few strong
+        directions: docs/initializers.md §6), scale 1e-3."""
+        low = torch.randn(m, 4, generator=generator, device=device) @ torch.randn(4, n, generator=generator,
+                                                                                  device=device)
+        grad = torch.randn(m, n, generator=generator, device=device).add_(low, alpha=0.5).mul_(1e-3)
+        return cls(grad=grad, samples=0)
+
+
+@dataclass(frozen=True)
+class InputCovarianceStats:
+    """A layer's input covariance ``C`` (n x n), what CorDA reads (docs/initializers.md §6).
+
+    PEFT's ``preprocess_corda`` builds it per forward call of one sample as ``X̃ᵀX̃`` with
+    ``X̃ = X / |max X|`` (the sample's activations divided by their largest value) and
+    averages over the calls; ``loram_ref.statistics.moments`` computes that in the shared
+    pass (``"input_peak"``). CorDA's factors' product ``B·A`` does not depend on C's overall
+    scale, only on its shape.
+    """
+
+    covariance: torch.Tensor
+    samples: int = 0
+
+    def validate(self, shape: tuple[int, int]) -> None:
+        n = shape[1]
+        check_shape(self.covariance, (n, n), "stats.covariance")
+
+    @classmethod
+    def synthetic(cls, m: int, n: int, generator: torch.Generator, device="cpu") -> "InputCovarianceStats":
+        """The second moment of at most 512 Gaussian inputs with a decaying scale per coordinate
+        (rank-deficient when n > 512: the damping of docs/initializers.md §6 then matters)."""
+        tokens = min(2 * n, 512)
+        scale = torch.logspace(0, -2, n, device=device)
+        x = torch.randn(tokens, n, generator=generator, device=device).mul_(scale)
+        return cls(covariance=(x.mT @ x).div_(tokens), samples=tokens)
+
+
+@dataclass(frozen=True)
+class InputMomentsStats:
+    """A layer's input moments over T tokens: ``M = (1/T) Σ_t x_t x_tᵀ`` (n x n) and
+    ``μ = (1/T) Σ_t x_t`` (n): what EVA reads (docs/initializers.md §6). EVA's components
+    are the top eigenvectors of the centred covariance ``M − μμᵀ``; the singular values of
+    the centred data matrix are ``√(T·λ)``. ``M`` is LoRA-DA's K-FAC input factor ``Z``."""
+
+    second_moment: torch.Tensor
+    mean: torch.Tensor
+    tokens: int
+
+    def validate(self, shape: tuple[int, int]) -> None:
+        n = shape[1]
+        check_shape(self.second_moment, (n, n), "stats.second_moment")
+        check_shape(self.mean, (n,), "stats.mean")
+        check_positive_int(self.tokens, "stats.tokens")
+
+    @classmethod
+    def synthetic(cls, m: int, n: int, generator: torch.Generator, device="cpu") -> "InputMomentsStats":
+        """Moments of at most 512 Gaussian inputs with a decaying scale per coordinate and a small mean."""
+        tokens = min(2 * n, 512)
+        scale = torch.logspace(0, -2, n, device=device)
+        x = torch.randn(tokens, n, generator=generator, device=device).mul_(scale).add_(0.01)
+        return cls(second_moment=(x.mT @ x).div_(tokens), mean=x.mean(0), tokens=tokens)
