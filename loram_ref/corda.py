@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .pissa import _fp32_work_copy
-from .guard import check_residual
+from .residual import finish, work_copy
 from .registry import FULL_SVD, Invariant, Statistics, register
 from .result import LoraInit
 from .statistics.types import InputCovarianceStats
@@ -86,7 +85,7 @@ def corda(
     stats.validate(tuple(weight.shape))
     if rank > min(weight.shape):
         raise ValueError(f"corda requires rank <= min(d_out, d_in) = {min(weight.shape)}, got {rank}")
-    work = _fp32_work_copy(weight, inplace)
+    work = work_copy(weight, inplace)
     cov = stats.covariance.to(device=weight.device, dtype=work.dtype)
     fixed, inverse, damp = damped_inverse(cov)
     u, s, vh = torch.linalg.svd(work @ fixed, full_matrices=False)
@@ -98,13 +97,6 @@ def corda(
     a = v_r.t().mul(s_r.sqrt().view(-1, 1)).contiguous()  # A = √(Σ_r/s)·V_rᵀ
     b = u_r.mul(s_r.sqrt()).contiguous()  # B = U_r·√(Σ_r/s)
     work.sub_(scaling * b @ a)  # W_res = W − s·B·A, in fp32, in W's copy
-    if weight.dtype == work.dtype:
-        residual = work
-    elif inplace:
-        residual = weight.copy_(work)
-    else:
-        residual = work.to(weight.dtype)
-    if residual.dtype == torch.float16:
-        check_residual(residual, "corda")
+    residual = finish(work, weight, inplace, "corda")
     return LoraInit(method="corda", A=a.to(weight.dtype), B=b.to(weight.dtype), scaling=scaling, residual=residual,
                     info={"mode": mode, "damping": damp})

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 from .fidelity import angle_deg, orthonormal_rows
-from .guard import check_residual
-from .pissa import _fp32_work_copy
 from .linalg import randomized_svd
+from .residual import finish, work_copy
 from .registry import Invariant, Statistics, register
 from .result import LoraInit
 from .statistics.types import GradientStats
@@ -155,14 +154,7 @@ def lora_ga(
         elif scale == "gd_scale":
             a, b = a / scaling, b / scaling
     a, b = a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()
-    work = _fp32_work_copy(weight, inplace)  # one fp32 copy of W, turned into the residual in place
+    work = work_copy(weight, inplace)  # one fp32 copy of W, turned into the residual in place
     work.addmm_(b.to(work.dtype), a.to(work.dtype), alpha=-scaling)
-    if work.dtype == weight.dtype:
-        residual = work
-    elif inplace:
-        residual = weight.copy_(work)
-    else:
-        residual = work.to(weight.dtype)
-    if residual.dtype == torch.float16:
-        check_residual(residual, "lora_ga")
+    residual = finish(work, weight, inplace, "lora_ga")
     return LoraInit(method="lora_ga", A=a, B=b, scaling=scaling, residual=residual, info=info)

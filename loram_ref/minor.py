@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .pissa import _fp32_work_copy, _pissa_factors
+from .pissa import _pissa_factors
+from .residual import work_copy
 from .registry import FULL_SVD, Invariant, register
 from .result import LoraInit
 from .validation import check_inputs
@@ -54,7 +55,7 @@ def milora(
     """
     scaling = check_inputs(weight, rank, scaling, check_input=check_input)
     _check_rank_fits(weight, rank, "milora")
-    work = _fp32_work_copy(weight, inplace)
+    work = work_copy(weight, inplace)
     u, s, vh = torch.linalg.svd(work, full_matrices=False)
     u_r, s_r, vh_r = u[:, -rank:].clone(), s[-rank:].clone(), vh[-rank:].clone()
     del u, s, vh

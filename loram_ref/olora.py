@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .guard import check_residual
+from .residual import finish, work_copy
 from .registry import PASSES, Invariant, register
 from .result import LoraInit
 from .validation import check_inputs
@@ -87,20 +87,10 @@ def olora(
         raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
     if rank > min(weight.shape):
         raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = {min(weight.shape)}: a QR of W has no more columns")
-    if weight.dtype == torch.float64:
-        work = weight if inplace else weight.clone()
-    else:
-        work = weight.to(torch.float32) if weight.dtype != torch.float32 else (weight if inplace else weight.clone())
+    work = work_copy(weight, inplace)
     q_r, r_r = _factors(work, rank, algorithm)
     a = r_r.div_(scaling) if fold_scaling else r_r
     work.addmm_(q_r, a, alpha=-scaling)  # W_res = W − s·B·A, in fp32, in place
-    if weight.dtype == work.dtype:
-        residual = work
-    elif inplace:
-        residual = weight.copy_(work)
-    else:
-        residual = work.to(weight.dtype)
-    if residual.dtype == torch.float16:
-        check_residual(residual, "olora")
+    residual = finish(work, weight, inplace, "olora")
     return LoraInit(method="olora", A=a.to(weight.dtype), B=q_r.to(weight.dtype), scaling=scaling, residual=residual,
                     info={"algorithm": algorithm, "fold_scaling": fold_scaling})

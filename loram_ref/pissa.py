@@ -11,23 +11,10 @@ from .linalg import randomized_svd
 from .registry import FULL_SVD, Invariant, PublishedScaling, register
 from .result import LoraInit
 from .work import full_svd, randomized_svd_work
-from .guard import check_residual
+from .residual import finish, work_copy
 from .validation import check_inputs, check_positive_int, check_scaling, check_shape, resolve_generator
 
 _PAPER = "Meng, Wang & Zhang 2024, PiSSA (arXiv 2404.02948); PEFT pissa_init"
-
-
-def _fp32_work_copy(weight: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """The fp32 matrix PiSSA decomposes and then turns into the residual.
-
-    A bf16/fp16 ``W`` is up-cast (the copy the algorithm needs, docs/initializers.md §2 step 1). An fp32
-    ``W`` is cloned unless the caller allowed ``inplace``, so the function stays pure.
-    """
-    if weight.dtype == torch.float64:  # a float64 W is decomposed in float64
-        return weight if inplace else weight.clone()
-    if weight.dtype != torch.float32:
-        return weight.to(torch.float32)
-    return weight if inplace else weight.clone()
 
 
 def _split_triplets(u_r: torch.Tensor, s_r: torch.Tensor, vh_r: torch.Tensor, scaling: float
@@ -77,14 +64,7 @@ def _pissa_factors(
     """Spec §2 steps 3-5 from the top-r triplets of the fp32 ``work`` copy of ``W``."""
     a, b = _split_triplets(u_r, s_r, vh_r, scaling)
     work.addmm_(b, a, alpha=-scaling)  # step 5: W_res = W - s·B·A, in fp32 (fp64), in place
-    if weight.dtype == work.dtype:
-        residual = work
-    elif inplace:
-        residual = weight.copy_(work)  # cast back into W's own storage
-    else:
-        residual = work.to(weight.dtype)
-    if residual.dtype == torch.float16:
-        check_residual(residual, name)  # the cast back can overflow fp16: an error, never a silent Inf
+    residual = finish(work, weight, inplace, name)
     return LoraInit(
         method=name,
         A=a.to(weight.dtype),
@@ -152,7 +132,7 @@ def pissa(
         check_input: reject NaN/Inf in ``W`` before decomposing.
     """
     scaling = check_inputs(weight, rank, scaling, check_input=check_input)
-    work = _fp32_work_copy(weight, inplace)
+    work = work_copy(weight, inplace)
     u, s, vh = torch.linalg.svd(work, full_matrices=False)
     u_r, s_r, vh_r = u[:, :rank].clone(), s[:rank].clone(), vh[:rank].clone()
     del u, s, vh
@@ -194,7 +174,7 @@ def pissa_rsvd(
     scaling = check_inputs(weight, rank, scaling, check_input=check_input)
     niter = check_positive_int(niter, "niter", minimum=0)
     gen = resolve_generator(generator, weight.device, seed)
-    work = _fp32_work_copy(weight, inplace)
+    work = work_copy(weight, inplace)
     u_r, s_r, v_r = randomized_svd(work, rank, niter, gen)
     info = {"svd": "randomized", "niter": niter, "oversampling": 0}
     return _pissa_factors("pissa_rsvd", weight, work, u_r, s_r, v_r.mT.contiguous(), scaling, inplace, info)

@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-from ..guard import check_residual
 from ..olora import _factors
-from ..pissa import _fp32_work_copy
+from ..residual import finish, work_copy
 from ..validation import check_inputs
 from .comm import Collectives
 from .layout import layout_of, replicated, shape_proxy, sharded
@@ -52,7 +51,7 @@ def olora(weight: DTensor, rank: int, scaling: float = 1.0, *, fold_scaling: boo
     local = weight.to_local()
     if check_input:
         _check_finite(local, comm)
-    work = _fp32_work_copy(local, inplace)
+    work = work_copy(local, inplace)
     if lay.dim == 0:
         q_r = cholesky_qr(work[:, :rank].contiguous(), comm, m)[0]
         a = comm.all_reduce(q_r.mT @ work)
@@ -66,9 +65,7 @@ def olora(weight: DTensor, rank: int, scaling: float = 1.0, *, fold_scaling: boo
     if fold_scaling:
         a = a.div_(scaling)
     work.addmm_(q_r, a, alpha=-scaling)  # this rank's block of W − s·B·A, in fp32
-    residual = work if work.dtype == local.dtype else (local.copy_(work) if inplace else work.to(local.dtype))
-    if residual.dtype == torch.float16:
-        check_residual(residual, "olora")
+    residual = finish(work, local, inplace, "olora")
     a, b = a.to(local.dtype), q_r.to(local.dtype)
     return ShardedLoraInit(
         method="olora",

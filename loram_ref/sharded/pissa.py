@@ -6,7 +6,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from ..linalg import _orth
-from ..pissa import _fp32_work_copy, _pissa_factors
+from ..pissa import _pissa_factors
+from ..residual import work_copy
 from ..registry import get_initializer
 from ..validation import check_inputs, check_positive_int, is_finite, resolve_generator
 from .comm import Collectives
@@ -117,7 +118,7 @@ def pissa_rsvd(weight: DTensor, rank: int, scaling: float = 1.0, *, niter: int =
     if check_input:
         _check_finite(local, comm)
     gen = resolve_generator(generator, local.device, seed)
-    work = _fp32_work_copy(local, inplace)
+    work = work_copy(local, inplace)
     u, s, v = sharded_randomized_svd(work, lay, rank, niter, gen, comm)
     signs = column_signs(u, comm if lay.dim == 0 else None)
     u.mul_(signs)
