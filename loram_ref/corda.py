@@ -9,7 +9,7 @@ from .registry import FULL_SVD, Invariant, Statistics, register
 from .result import LoraInit
 from .statistics.types import InputCovarianceStats
 from .validation import check_inputs
-from .work import Work
+from .work import Work, svd_flops
 
 MODES = ("ipm", "kpm")
 #: PEFT's damping schedule: λ = 0.01, doubled until ‖C'·C'⁻¹ − I‖_F < 0.05
@@ -20,7 +20,7 @@ def corda_work(m: int, n: int, r: int, itemsize: int) -> Work:
     """``C'⁻¹`` (≈ 2·n³ with its check), ``W·C'`` (2·m·n²), the full SVD of the m x n product
     (≈ 4·m·n·k + 8·k³, k = min(m, n)), ``Vᵀ·C'⁻¹`` (2·k·n²) and the residual."""
     k = min(m, n)
-    flops = 2.0 * n**3 + 2.0 * m * n * n + 4.0 * m * n * k + 8.0 * k**3 + 2.0 * k * n * n + 2.0 * m * n * r
+    flops = 2.0 * n**3 + 2.0 * m * n * n + svd_flops(m, n) + 2.0 * k * n * n + 2.0 * m * n * r
     return Work(read_bytes=m * n * itemsize + n * n * 4, rw_bytes=3 * m * n * 4 + 2 * n * n * 4, flops=flops,
                 gemm="square")
 

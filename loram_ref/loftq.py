@@ -17,7 +17,7 @@ import torch
 from .registry import FULL_SVD, Invariant, register
 from .result import LoraInit
 from .validation import check_inputs, check_positive_int
-from .work import Work
+from .work import Work, svd_flops
 
 #: The 16 NormalFloat-4 code values (QLoRA, Appendix E), ascending.
 NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -51,9 +51,8 @@ def loftq_work(iterations: int):
     """``iterations`` full SVDs (≈ 4·m·n·k + 8·k³ each) and quantization round trips of W."""
 
     def model(m: int, n: int, r: int, itemsize: int) -> Work:
-        k = min(m, n)
         return Work(read_bytes=m * n * itemsize + iterations * 3 * m * n * 4, rw_bytes=iterations * 4 * m * n * 4,
-                    flops=iterations * (4.0 * m * n * k + 8.0 * k**3 + 2.0 * m * n * r), gemm="square")
+                    flops=iterations * (svd_flops(m, n) + 2.0 * m * n * r), gemm="square")
 
     return model
 

@@ -10,7 +10,7 @@ from .residual import work_copy
 from .registry import FULL_SVD, Invariant, register
 from .result import LoraInit
 from .validation import check_inputs
-from .work import Work, full_svd
+from .work import Work, full_svd, svd_flops
 
 
 def _check_rank_fits(weight: torch.Tensor, rank: int, name: str) -> None:
@@ -20,9 +20,8 @@ def _check_rank_fits(weight: torch.Tensor, rank: int, name: str) -> None:
 
 
 def mica_work(m: int, n: int, r: int, itemsize: int) -> Work:
-    """A full SVD for U (``torch.linalg.svd``: ≈ 4·m·n·k + 8·k³ flops, k = min(m, n)), no residual."""
-    k = min(m, n)
-    return Work(read_bytes=m * n * itemsize, rw_bytes=m * n * 4, flops=4.0 * m * n * k + 8.0 * k**3, gemm="square")
+    """A full SVD for U (``torch.linalg.svd``, :func:`svd_flops`), no residual."""
+    return Work(read_bytes=m * n * itemsize, rw_bytes=m * n * 4, flops=svd_flops(m, n), gemm="square")
 
 
 @register(

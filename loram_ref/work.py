@@ -40,11 +40,15 @@ def one_pass_residual(m: int, n: int, r: int, itemsize: int) -> Work:
     return Work(read_bytes=m * n * itemsize, rw_bytes=2 * m * n * itemsize, flops=2.0 * m * n * r)
 
 
-def full_svd(m: int, n: int, r: int, itemsize: int) -> Work:
-    """PiSSA: an economy SVD, ~4·m·n·k + 8·k³ flops (k = min(m, n); Golub & Van Loan), plus
-    the fp32 work copy and the residual."""
+def svd_flops(m: int, n: int) -> float:
+    """An economy SVD of an m x n matrix: ~4·m·n·k + 8·k³ flops (k = min(m, n); Golub & Van Loan)."""
     k = min(m, n)
-    return Work(read_bytes=m * n * itemsize, rw_bytes=2 * m * n * 4, flops=4.0 * m * n * k + 8.0 * k**3, gemm="square")
+    return 4.0 * m * n * k + 8.0 * k**3
+
+
+def full_svd(m: int, n: int, r: int, itemsize: int) -> Work:
+    """PiSSA: an economy SVD (:func:`svd_flops`), plus the fp32 work copy and the residual."""
+    return Work(read_bytes=m * n * itemsize, rw_bytes=2 * m * n * 4, flops=svd_flops(m, n), gemm="square")
 
 
 def randomized_svd_work(niter: int) -> WorkModel:

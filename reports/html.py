@@ -17,6 +17,7 @@ from bench.initcost.metrics import METRICS
 from loram_ref import INITIALIZERS
 from reports import figures
 from reports.tables import (
+    FACT_COLUMNS,
     ResultSet,
     cells,
     cost_laws,
@@ -407,10 +408,6 @@ def _metric_legend() -> str:
 def _link(anchor: str | None, text: str, present: set[str]) -> str:
     """``text`` (escaped already) linked to the section that backs it, where the page has it."""
     return f'<a href="#{anchor}">{text}</a>' if anchor in present else text
-
-
-#: The registry's facts the decision summary shows per initializer (``InitializerSpec.facts``).
-FACT_COLUMNS = ("needs data", "rewrites W", "decomposition", "cost class", "trains", "PEFT name")
 
 
 def _summary_section(summary: pd.DataFrame, present: set[str]) -> str:

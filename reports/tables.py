@@ -46,6 +46,10 @@ class ResultSet:
     sharded: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
+#: The registry's facts the decision summary shows per initializer (``InitializerSpec.facts``).
+FACT_COLUMNS = ("needs data", "rewrites W", "decomposition", "cost class", "trains", "PEFT name")
+
+
 def _load_rows(path: Path) -> list[dict]:
     return read_rows(path) if path.exists() else []
 
@@ -280,8 +284,7 @@ def decision_summary(data: ResultSet, table: pd.DataFrame, totals: pd.DataFrame)
     records = []
     for name in sorted(names):
         spec = INITIALIZERS.get(name)
-        facts = spec.facts() if spec else {k: "unknown" for k in ("needs data", "rewrites W", "decomposition",
-                                                                   "cost class", "trains", "PEFT name")}
+        facts = spec.facts() if spec else dict.fromkeys(FACT_COLUMNS, "unknown")
         sharded = SHARDED.get(name)
         record: dict[str, Any] = {
             "initializer": name,

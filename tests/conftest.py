@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import loram_ref
 
@@ -24,6 +25,20 @@ DTYPES = [torch.float32, torch.bfloat16]
 # Relative Frobenius tolerance of a reconstruction W_res + s·B·A ≈ W: about ten roundings
 # of the dtype (the residual and factors are each rounded once in W's dtype).
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+class OneLinear(nn.Module):
+    """A model of one bias-free linear layer ``lin`` holding ``weight``: what PEFT wraps in the
+    agreement tests (``target_modules=["lin"]``)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        with torch.no_grad():
+            self.lin.weight.copy_(weight)
+
+    def forward(self, x):
+        return self.lin(x)
 
 
 def stats_for(name: str, m: int, n: int, seed: int = 123):

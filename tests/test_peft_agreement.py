@@ -8,30 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import loram_ref  # noqa: E402
 
-from .conftest import SHAPES  # noqa: E402
-
-
-class _One(nn.Module):
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
-        with torch.no_grad():
-            self.lin.weight.copy_(weight)
-
-    def forward(self, x):
-        return self.lin(x)
+from .conftest import SHAPES, OneLinear  # noqa: E402
 
 
 def _peft_layer(weight: torch.Tensor, rank: int, alpha: float, init="default"):
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["lin"], init_lora_weights=True if init == "default" else init)
-    model = get_peft_model(_One(weight.clone()), config)
+    model = get_peft_model(OneLinear(weight.clone()), config)
     return model.base_model.model.lin
 
 

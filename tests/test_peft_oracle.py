@@ -38,20 +38,11 @@ from peft.tuners.lora import layer as lora_layer  # noqa: E402
 import loram_ref  # noqa: E402
 from loram_ref.statistics.moments import collect_moments  # noqa: E402
 
+from .conftest import OneLinear  # noqa: E402
+
 SHAPES = {"tall": (192, 136), "wide": (136, 192)}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RANKS = [1, 7, 64]
-
-
-class _One(nn.Module):
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
-        with torch.no_grad():
-            self.lin.weight.copy_(weight)
-
-    def forward(self, x):
-        return self.lin(x)
 
 
 def _captured(monkeypatch, method: str) -> dict:
@@ -123,7 +114,7 @@ def _cases(ranks=RANKS):
 def test_olora_equals_peft(dtype, rank, shape, rslora):
     weight = _weight(shape, dtype)
     alpha = 16.0
-    layer = _peft(_One(weight), r=rank, lora_alpha=alpha, use_rslora=rslora, init_lora_weights="olora")
+    layer = _peft(OneLinear(weight), r=rank, lora_alpha=alpha, use_rslora=rslora, init_lora_weights="olora")
     peft_a, peft_b = _factors(layer, dtype)
     scaling = _scaling(rank, alpha, rslora)
     full = loram_ref.initialize("olora", weight, rank, scaling, algorithm="full")
@@ -149,7 +140,7 @@ def test_olora_fold_scaling_removes_the_projection_whatever_s():
 def test_orthogonal_equals_peft_bit_for_bit(monkeypatch, dtype, rank, shape, rslora):
     seen = _captured(monkeypatch, "orthogonal_init")
     weight = _weight(shape, dtype)
-    layer = _peft(_One(weight), r=rank, lora_alpha=16, use_rslora=rslora, init_lora_weights="orthogonal")
+    layer = _peft(OneLinear(weight), r=rank, lora_alpha=16, use_rslora=rslora, init_lora_weights="orthogonal")
     peft_a, peft_b = _factors(layer, dtype)
     gen = torch.Generator()
     gen.set_state(seen["rng"])
@@ -162,7 +153,7 @@ def test_orthogonal_equals_peft_bit_for_bit(monkeypatch, dtype, rank, shape, rsl
 def test_orthogonal_odd_rank_is_refused_as_peft_does_unless_asked(rank):
     weight = _weight((24, 16), torch.float32)
     with pytest.raises(ValueError, match="rank to be even"):
-        get_peft_model(_One(weight), LoraConfig(r=rank, target_modules=["lin"], init_lora_weights="orthogonal"))
+        get_peft_model(OneLinear(weight), LoraConfig(r=rank, target_modules=["lin"], init_lora_weights="orthogonal"))
     with pytest.raises(ValueError, match="even rank.*allow_odd_rank=True"):
         loram_ref.initialize("orthogonal", weight, rank)
     init = loram_ref.initialize("orthogonal", weight, rank, allow_odd_rank=True)
@@ -173,7 +164,7 @@ def test_orthogonal_odd_rank_is_refused_as_peft_does_unless_asked(rank):
 @pytest.mark.parametrize("dtype,rank,shape,rslora", list(_cases()))
 def test_mica_equals_peft_bit_for_bit(dtype, rank, shape, rslora):
     weight = _weight(shape, dtype)
-    model = get_peft_model(_One(weight), LoraConfig(r=rank, lora_alpha=16, use_rslora=rslora, target_modules=["lin"],
+    model = get_peft_model(OneLinear(weight), LoraConfig(r=rank, lora_alpha=16, use_rslora=rslora, target_modules=["lin"],
                                                     init_lora_weights="mica"))
     layer = model.base_model.model.lin
     peft_a, peft_b = _factors(layer, dtype)
@@ -200,7 +191,7 @@ def test_lora_ga_equals_peft_on_its_gradient(monkeypatch, direction, scale):
     seen = _captured(monkeypatch, "lora_ga_init")
     shape, rank, dtype = (96, 64), 7, torch.float32
     weight, grad = _weight(shape, dtype), _gradient(shape)
-    model = _One(weight)
+    model = OneLinear(weight)
     model.lin._peft_loraga_grad = grad.clone()  # what preprocess_loraga attaches (its pass: the next test)
     layer = _peft(model, r=rank, lora_alpha=16, init_lora_weights="lora_ga",
                   lora_ga_config=LoraGAConfig(direction=direction, scale=scale))
@@ -220,7 +211,7 @@ def test_lora_ga_dtype_flow_equals_peft(monkeypatch, dtype, rank, shape, rslora)
 
     seen = _captured(monkeypatch, "lora_ga_init")
     weight, grad = _weight(shape, dtype), _gradient(shape)
-    model = _One(weight)
+    model = OneLinear(weight)
     model.lin._peft_loraga_grad = grad.clone()
     layer = _peft(model, r=rank, lora_alpha=16, use_rslora=rslora, init_lora_weights="lora_ga",
                   lora_ga_config=LoraGAConfig())
@@ -376,7 +367,7 @@ def test_corda_fed_peft_covariance_is_peft_bit_for_bit_across_dtypes(dtype, rank
     n = shape[1]
     x = torch.randn(3 * n, n, generator=torch.Generator().manual_seed(4)) * torch.logspace(0, -1, n)
     covariance = x.mT @ x / x.shape[0]
-    model = _One(weight)
+    model = OneLinear(weight)
     model.lin.covariance_matrix = covariance.clone()
     config = LoraConfig(r=rank, lora_alpha=16, use_rslora=rslora, target_modules=["lin"], init_lora_weights="corda",
                         corda_config=CordaConfig(corda_method=mode))
