@@ -173,6 +173,20 @@ class InitializerSpec:
             "PEFT name": f"init_lora_weights={self.peft_name}" if self.peft_name else "not in PEFT",
         }
 
+    @property
+    def peft_init(self) -> bool | str | None:
+        """PEFT's ``init_lora_weights`` value for the method, the literal ``peft_name`` opens
+        with (``"pissa"``, ``True``); None where PEFT does not offer it."""
+        if self.peft_name is None:
+            return None
+        head = self.peft_name.split(" (", 1)[0].strip()
+        if head in ("True", "False"):
+            return head == "True"
+        if len(head) > 2 and head[0] == head[-1] == '"':
+            return head[1:-1]
+        raise ValueError(f"initializer {self.name!r}: peft_name must open with PEFT's init_lora_weights value, a "
+                         f"quoted string or True, then an optional note in parentheses; got {self.peft_name!r}")
+
     def rank_problem(self, m: int, n: int, rank: int) -> str | None:
         """Why ``rank`` does not fit an m x n layer for this method (None: it fits)."""
         if not 1 <= rank <= min(m, n):
@@ -250,7 +264,7 @@ def register(
         if not trains or set(trains) - {"A", "B", "R"}:
             raise ValueError(f"initializer {name!r}: trains must name some of 'A', 'B', 'R', got {trains!r}")
         guarded = guard(fn)
-        INITIALIZERS[name] = InitializerSpec(
+        spec = InitializerSpec(
             name=name,
             fn=guarded,
             invariant=invariant,
@@ -272,6 +286,8 @@ def register(
             layer_task_excluded=layer_task_excluded,
             rank_rule=rank_rule,
         )
+        spec.peft_init  # noqa: B018  (a malformed peft_name fails at import)
+        INITIALIZERS[name] = spec
         return guarded
 
     return decorate

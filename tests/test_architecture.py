@@ -23,10 +23,11 @@ ALLOWED = {
     "bench.loss": {"loram_ref", "bench.core"},
     "bench.layer": {"loram_ref", "bench.core"},
     "bench.sharded": {"loram_ref", "bench.core"},
+    "bench.adopt": {"loram_ref", "bench.core"},
     "bench.gate": {"loram_ref", "bench.core", "bench.initcost"},
     "reports": {"loram_ref", "bench.core", "bench.initcost", "bench.loss", "bench.layer", "bench.sharded"},
     "bench.cli": {"loram_ref", "bench.core", "bench.initcost", "bench.loss", "bench.layer", "bench.sharded",
-                  "bench.gate", "reports"},
+                  "bench.adopt", "bench.gate", "reports"},
 }
 
 

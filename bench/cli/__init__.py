@@ -8,6 +8,7 @@ Commands, by job (each in its own module of this package, with its own flags):
   the gate      continuous, gate-error-rates      (``bench.cli.gate``)
   suites        quick (tox -e bench), full        (``bench.cli.quick``)
   report        report                            (``bench.cli.report``)
+  adoption      init-adapter, adopt-cost          (``bench.cli.adopt``)
 
 The command line is the top layer: the only one that builds reports; the benchmarks below
 it return rows and tables. Building the parser imports no torch, so every ``--help`` is
@@ -21,11 +22,11 @@ import os
 import re
 import sys
 
-from bench.cli import gate, init, loss, quick, report, sharded
+from bench.cli import adopt, gate, init, loss, quick, report, sharded
 from bench.cli.flags import HelpFormatter
 
 #: The command modules, in the order ``--help`` lists their commands.
-COMMAND_MODULES = (init, loss, sharded, gate, quick, report)
+COMMAND_MODULES = (init, loss, sharded, gate, quick, report, adopt)
 
 DESCRIPTION = ("Compare LoRA initializers: init time and peak memory per layer shape (run), short-run loss on a real "
                "model and on a layer task at every shape (loss, layer-loss), sharded init (sharded), a regression "

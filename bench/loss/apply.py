@@ -1,52 +1,23 @@
-"""Put loram_ref factors into a PEFT LoRA model, layer by layer.
+"""The loss benchmark's view of an initialized PEFT model: the initialization itself is the
+public adoption API (``loram_ref.peft.initialize``), so a user's model and the benchmark's
+runs go through the same code; here are the update measures of a run.
 
-PEFT creates the adapters (``init_lora_weights=False``: its own init is overwritten);
-then, per targeted linear layer, the initializer runs on the frozen base weight and we
-set ``lora_A``, ``lora_B`` and, where the method rewrites ``W``, the base weight. The
-result is an ordinary PEFT model that saves and loads as usual.
-
-The factors the registry's ``trains`` leaves out are frozen (MiCA: B). LoRA-SB trains only
-the r x r matrix R between frozen B and A (LoRA-XS form). It is
-attached as a parametrization of ``lora_A.weight`` (``weight = R·A``), so PEFT's forward
-is unchanged; :func:`merge_lora_sb` folds R into A before saving, which leaves a normal
-PEFT adapter with ``lora_A = R·A``.
+PEFT creates the adapters (``init_lora_weights=False``: its own init is overwritten).
+LoRA-SB's trainable R is a parametrization of ``lora_A.weight`` (``weight = R·A``);
+:func:`merge_lora_sb` folds R into A before saving, which leaves a normal PEFT adapter
+with ``lora_A = R·A``.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn.utils import parametrize
 
-import loram_ref
 from loram_ref.linalg import gram_norm_sq
-
-
-class LeftMultiply(nn.Module):
-    """Parametrization ``A ↦ R·A`` with R trainable and the original A frozen."""
-
-    def __init__(self, r: torch.Tensor):
-        super().__init__()
-        self.R = nn.Parameter(r)
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return self.R @ a
-
-
-@dataclass
-class LayerInit:
-    name: str
-    shape: tuple[int, int]
-    seconds: float
-    w_norm: float
-    delta_norm: float  # ‖s·B·A‖_F
-    shift_norm: float  # ‖W_eff - W‖_F at step 0
-    info: dict[str, Any] = field(default_factory=dict)
+from loram_ref.peft import LayerReport, initialize
 
 
 def lora_layers(model) -> list[tuple[str, Any]]:
@@ -55,58 +26,13 @@ def lora_layers(model) -> list[tuple[str, Any]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
-def _layer_seed(seed: int, index: int) -> int:
-    return (seed * 1_000_003 + index) % (2**63)
-
-
-@torch.no_grad()
 def apply_initializer(
     model, name: str, *, seed: int, stats: dict[str, Any] | None = None, adapter: str = "default", options: dict | None = None
-) -> list[LayerInit]:
-    """Initialize every LoRA layer of ``model`` with loram_ref's ``name``."""
-    spec = loram_ref.get_initializer(name)
-    options = dict(options or {})
-    records = []
-    for index, (layer_name, layer) in enumerate(lora_layers(model)):
-        base = layer.get_base_layer()
-        weight = base.weight
-        rank, scaling = layer.r[adapter], layer.scaling[adapter]
-        kwargs = dict(options)
-        if spec.needs_statistics:
-            if stats is None or layer_name not in stats:
-                raise ValueError(f"{name} needs layer statistics; none collected for {layer_name}")
-            kwargs["stats"] = stats[layer_name]
-        generator = (torch.Generator(device=weight.device).manual_seed(_layer_seed(seed, index))
-                     if "generator" in spec.harness else None)
-        # the layer's name in the base model: LoRA-DA's official per-module seeds (an option may set it)
-        module = None if spec.harness.get("module") in kwargs else layer_name.removeprefix("base_model.model.")
-        kwargs.update(spec.harness_kwargs(generator=generator, module=module))
-        original = weight.detach().clone()
-        t0 = time.perf_counter()
-        init = spec.fn(weight.detach(), rank, scaling, **kwargs)
-        seconds = time.perf_counter() - t0
-        lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-        lora_a.weight.data = init.A.to(lora_a.weight.dtype).contiguous()
-        lora_b.weight.data = init.B.to(lora_b.weight.dtype).contiguous()
-        if init.residual is not None:
-            weight.data = init.residual.to(weight.dtype)
-        for label, factor in (("A", lora_a), ("B", lora_b)):  # what the registry says trains (MiCA: A only)
-            if label not in spec.trains:
-                factor.weight.requires_grad_(False)
-        if init.R is not None:
-            lora_a.weight.requires_grad_(False)
-            lora_b.weight.requires_grad_(False)
-            parametrize.register_parametrization(lora_a, "weight", LeftMultiply(init.R.to(lora_a.weight.dtype)), unsafe=True)
-            lora_a.parametrizations.weight.original.requires_grad_(False)
-        delta = init.delta()
-        w = original.float()
-        w_eff = (init.residual.float() if init.residual is not None else w) + delta
-        records.append(LayerInit(
-            name=layer_name, shape=tuple(weight.shape), seconds=seconds, w_norm=float(w.norm()),
-            delta_norm=float(delta.norm()), shift_norm=float((w_eff - w).norm()),
-            info={k: v for k, v in init.info.items() if isinstance(v, (int, float, str, bool))},
-        ))
-    return records
+) -> list[LayerReport]:
+    """Initialize every LoRA layer of ``model`` with loram_ref's ``name`` from statistics the
+    benchmark collected and measured (``bench.loss.stats_pass``); one report per layer."""
+    report = initialize(model, name, adapter_name=adapter, seed=seed, stats=stats, **dict(options or {}))
+    return list(report.layers)
 
 
 def merge_lora_sb(model, adapter: str = "default") -> None:

@@ -67,8 +67,9 @@ class LossConfig:
                                     help="LoRA-SB's η_eff = lr / (warmup_ratio · #batches · epochs), the repo's formula")
     options: dict[str, dict[str, Any]] = option(factory=dict, cli=False,
                                                 help="per-initializer keywords (--init-option NAME.KEY=VALUE)")
-    save_adapters: Path | None = option(None, help="save each trained adapter (PEFT format) and its residual base "
-                                                   "weights under this folder")
+    save_adapters: Path | None = option(None, help="save each trained adapter under this folder as a plain PEFT "
+                                                   "adapter for the original base (rank 2r where the initializer "
+                                                   "rewrote W; LoftQ: with its quantized base weights)")
 
     def validate(self) -> None:
         import loram_ref

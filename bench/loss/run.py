@@ -261,8 +261,17 @@ def _store_frozen_in(model, dtype: torch.dtype) -> None:
 
 
 def _save(model, folder: Path) -> None:
-    """A plain PEFT adapter (LoRA-SB's R folded into A) plus, where the initializer rewrote
-    W, the residual base weights it must be loaded onto (``residual_base.safetensors``)."""
+    """The trained adapter as a plain PEFT adapter for the original base model
+    (``loram_ref.peft.save_as_plain_lora``: rank 2r where the initializer rewrote W, LoRA-SB's
+    R folded into A). Where no plain form exists (a quantized base), the adapter as trained
+    plus the base weights it must be loaded onto (``residual_base.safetensors``)."""
+    import loram_ref
+    from loram_ref.peft import save_as_plain_lora
+
+    name = next(iter(layer.loram_initial["default"].method for _, layer in lora_layers(model)))
+    if loram_ref.get_initializer(name).invariant is not loram_ref.Invariant.QUANTIZED:
+        save_as_plain_lora(model, folder)
+        return
     from safetensors.torch import save_file
 
     merge_lora_sb(model)
@@ -297,7 +306,7 @@ def _rows(name, meta, curve, layers, init_seconds, collected, model, stats_info)
         "stats_peak_cpu_extra_bytes": collected.peak_cpu_extra_bytes if collected else 0,
         "stats_peak_gpu_allocated_bytes": collected.peak_gpu_allocated_bytes if collected else 0,
         # step-0 diagnostics (docs/initializers.md §9): ‖W_eff - W‖_F over all layers and ‖s·B·A‖_F/‖W‖_F
-        "step0_shift_norm": math.sqrt(sum(l.shift_norm**2 for l in layers)),
+        "step0_shift_norm": math.sqrt(sum(l.output_shift**2 for l in layers)),
         "step0_delta_rel_norm": math.sqrt(sum(l.delta_norm**2 for l in layers) / w_sq) if w_sq else 0.0,
         "step0_eval_loss": curve.eval_loss_step0,
         "step0_eval_loss_change": curve.eval_loss_step0 - meta["base_eval_loss"],

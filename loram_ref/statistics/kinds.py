@@ -155,14 +155,21 @@ def collect_kinds(model, blocks_by_kind: dict[str, tuple["StatisticsKind", torch
                               loss_fn=ctx.loss_fn, checkpoints=list(count.values()))
     out = {}
     for kind in kinds:
-        per_layer = moments[count[kind.name]]
-        stats, meta = {}, {}
-        t0 = time.perf_counter()
-        for layer, sums in per_layer.items():
-            stats[layer], meta = kind.from_moments(sums, ctx)
-        out[kind.name] = (stats, {**meta, "samples": count[kind.name], "derive_seconds": time.perf_counter() - t0,
-                                  "shared_needs": ",".join(sorted(needs))})
+        stats, meta = derive(kind, moments[count[kind.name]], ctx)
+        out[kind.name] = (stats, {**meta, "shared_needs": ",".join(sorted(needs))})
     return out
+
+
+def derive(kind: "StatisticsKind", per_layer: dict[str, LayerMoments], ctx: CollectContext
+           ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``kind``'s statistics for every layer from the shared pass's sums: ``({layer: stats},
+    meta)``, with the samples read and the seconds the derivation took."""
+    stats, meta = {}, {}
+    t0 = time.perf_counter()
+    for layer, sums in per_layer.items():
+        stats[layer], meta = kind.from_moments(sums, ctx)
+    samples = next(iter(per_layer.values())).samples if per_layer else 0
+    return stats, {**meta, "samples": samples, "derive_seconds": time.perf_counter() - t0}
 
 
 def _synthetic_gradient(m: int, n: int, generator: torch.Generator, device="cpu") -> GradientStats:

@@ -18,12 +18,19 @@ over samples exactly as at batch size 1. A pass with neither ``"grad"`` nor ``"o
 runs forward only. ``checkpoints`` are sample counts at which the sums are copied out: a
 kind that reads its first N_k blocks gets exactly what a pass over those N_k blocks alone
 would give (up to summation order), whatever other kinds share the pass (tested).
+
+:func:`collect_moments_from` runs the same pass over any iterable of batches (a user's own
+data loader: tensors of token ids, or mappings for the model's forward with an
+``attention_mask``); tokens the mask leaves out are left out of every input sum.
+
+The pass leaves the model as it found it: each parameter's ``requires_grad`` is restored
+and the gradients it made are dropped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -68,6 +75,8 @@ class _Accumulators:
     needs: frozenset[str]
     device: torch.device
     sums: dict[str, LayerMoments] = field(default_factory=dict)
+    #: the current batch's token mask (batch x tokens, True where a token counts), or None
+    mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for key, module in self.layers.items():
@@ -81,6 +90,12 @@ class _Accumulators:
                 output_sq=zeros(m) if "output" in self.needs else None,
             )
 
+    def _kept(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The mask as a (batch, tokens, 1) float factor when it applies to ``x``; else None."""
+        if self.mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(self.mask.shape):
+            return None
+        return self.mask.to(device=x.device, dtype=x.dtype)[..., None]
+
     def forward_hook(self, key: str) -> Callable:
         sums = self.sums[key]
 
@@ -89,8 +104,11 @@ class _Accumulators:
 
         def hook(_module, inputs, output) -> None:
             x = inputs[0].detach().float()
+            kept = self._kept(x)
+            if kept is not None:
+                x = x * kept  # left-out tokens add nothing to any sum
             flat = x.reshape(-1, x.shape[-1])
-            sums.tokens += flat.shape[0]
+            sums.tokens += flat.shape[0] if kept is None else int(kept.sum())
             if sums.input_sq is not None:
                 sums.input_sq.addmm_(flat.mT, flat)
                 sums.input_sum.add_(flat.sum(0))
@@ -108,6 +126,52 @@ class _Accumulators:
         return hook
 
 
+class _Pass:
+    """The hooks and the gradient switches of one pass, undone on exit: every parameter's
+    ``requires_grad`` as it was, no gradient left behind, no hook left registered."""
+
+    def __init__(self, model, layers: dict[str, torch.nn.Linear], needs: frozenset[str]) -> None:
+        self.model, self.layers, self.needs = model, layers, needs
+        self.backward = bool(needs & {"grad", "output"})
+        self.acc = _Accumulators(layers, needs, next(model.parameters()).device)
+
+    def __enter__(self) -> "_Pass":
+        self._grad_flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self._grad_flags:
+            p.requires_grad_(False)
+        if self.backward:
+            for module in self.layers.values():
+                module.weight.requires_grad_(True)
+        self._handles = [module.register_forward_hook(self.acc.forward_hook(key))
+                         for key, module in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.model.zero_grad(set_to_none=True)
+        for p, flag in self._grad_flags:
+            p.requires_grad_(flag)
+
+    def step(self, loss: Callable[[], torch.Tensor], size: int, mask: torch.Tensor | None = None) -> None:
+        """One batch of ``size`` samples: ``loss()`` is its mean loss (the module docstring)."""
+        self.acc.mask = mask
+        try:
+            if self.backward:
+                self.model.zero_grad(set_to_none=True)
+                (loss() * size).backward()  # Σ_j L_j (module docstring)
+                if "grad" in self.needs:
+                    for key, module in self.layers.items():
+                        self.acc.sums[key].grad_sum.add_(module.weight.grad.float())
+            else:
+                with torch.no_grad():
+                    loss()
+        finally:
+            self.acc.mask = None
+        for sums in self.acc.sums.values():
+            sums.samples += size
+
+
 def collect_moments(model, blocks: torch.Tensor, layers: dict[str, torch.nn.Linear], needs: Iterable[str], *,
                     batch_size: int, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
                     checkpoints: Iterable[int] | None = None) -> dict[int, dict[str, LayerMoments]]:
@@ -121,36 +185,41 @@ def collect_moments(model, blocks: torch.Tensor, layers: dict[str, torch.nn.Line
         raise ValueError(f"checkpoints must be sample counts in 1..{total} (the blocks given), got {marks}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
-    acc = _Accumulators(layers, needs, device)
-    backward = bool(needs & {"grad", "output"})
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if backward:
-        for module in layers.values():
-            module.weight.requires_grad_(True)
-    handles = [module.register_forward_hook(acc.forward_hook(key)) for key, module in layers.items()]
     out: dict[int, dict[str, LayerMoments]] = {}
-    try:
+    with _Pass(model, layers, needs) as run:
         start = 0
         for mark in marks:
             while start < mark:
                 ids = blocks[start:min(start + batch_size, mark)]
-                if backward:
-                    model.zero_grad(set_to_none=True)
-                    (loss_fn(model, ids) * ids.shape[0]).backward()  # Σ_j L_j (module docstring)
-                    if "grad" in needs:
-                        for key, module in layers.items():
-                            acc.sums[key].grad_sum.add_(module.weight.grad.float())
-                else:
-                    with torch.no_grad():
-                        loss_fn(model, ids)
-                for sums in acc.sums.values():
-                    sums.samples += ids.shape[0]
+                run.step(lambda: loss_fn(model, ids), ids.shape[0])
                 start += ids.shape[0]
-            out[mark] = {k: (v if mark == marks[-1] else v.copy()) for k, v in acc.sums.items()}
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.zero_grad(set_to_none=True)
+            out[mark] = {k: (v if mark == marks[-1] else v.copy()) for k, v in run.acc.sums.items()}
     return out
+
+
+#: ``(loss(), samples, token mask or None)`` per batch, for :func:`collect_moments_from`
+BatchStep = tuple[Callable[[], torch.Tensor], int, torch.Tensor | None]
+
+
+def collect_moments_from(model, steps: Iterator[BatchStep] | Iterable[BatchStep], layers: dict[str, torch.nn.Linear],
+                         needs: Iterable[str], *, max_samples: int | None = None,
+                         on_batch: Callable[[int], None] | None = None) -> dict[str, LayerMoments]:
+    """The same pass over a user's batches: each item of ``steps`` gives its mean loss (a
+    callable), its sample count and its token mask; the pass stops after ``max_samples``
+    samples (the batch that crosses it counts whole). ``on_batch(samples so far)`` reports
+    progress. Returns ``{layer: LayerMoments}``."""
+    needs = check_needs(needs)
+    with _Pass(model, layers, needs) as run:
+        seen = 0
+        for loss, size, mask in steps:
+            if size < 1:
+                raise ValueError("a batch of the data holds no samples")
+            run.step(loss, size, mask)
+            seen += size
+            if on_batch is not None:
+                on_batch(seen)
+            if max_samples is not None and seen >= max_samples:
+                break
+        if seen == 0:
+            raise ValueError("the data gave no batches: the statistics pass needs at least one")
+        return run.acc.sums
