@@ -4,8 +4,8 @@ PEFT's ``get_peft_model`` for the methods PEFT has, each in a fresh process.
 Every (method, mode) is one ``python -m bench.adopt.worker`` child (``bench.core.children``'s
 environment: it never imports from the working folder), killed at ``limit_s``; its row is
 appended to ``adopt.jsonl`` as it finishes, so a crash or a timeout costs only its own row
-(``status`` and ``reason`` say which). PEFT's LoftQ needs bitsandbytes on CUDA/XPU and is
-recorded as not run, with that reason.
+(``status`` and ``reason`` say which). A PEFT path that cannot run here (its LoftQ needs
+bitsandbytes on CUDA/XPU) is recorded as ``not_run`` with PEFT's reason.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from bench.core.children import child_env
 from bench.core.results import append_row, timestamp
 
 RESULTS_FILE = "adopt.jsonl"
-#: PEFT methods this machine cannot run, with the reason.
-PEFT_CANNOT = {"loftq": "PEFT's loftq_init quantizes with bitsandbytes on a CUDA or XPU device only"}
 
 
 @dataclass(frozen=True)
@@ -72,8 +70,6 @@ class CostPlan:
 def _run(spec: dict[str, Any], limit_s: float) -> dict[str, Any]:
     base = {"kind": "adopt_cost", "method": spec["method"], "mode": spec["mode"], "model": spec["model"],
             "rank": spec["rank"]}
-    if spec["mode"] == "peft" and spec["method"] in PEFT_CANNOT:
-        return {**base, "status": "not_run", "reason": PEFT_CANNOT[spec["method"]]}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(spec, fh)
     try:

@@ -5,7 +5,9 @@
 ``mode="peft"``: PEFT's own path to the same method, ``get_peft_model`` with its
 ``init_lora_weights`` value, after ``preprocess_corda`` / ``preprocess_loraga`` or followed
 by ``initialize_lora_eva_weights`` for the methods PEFT feeds data. Each region is timed
-once with its peak RSS above the entry (the model is loaded before it).
+once with its peak RSS above the entry (the model is loaded before it). Where PEFT's own
+path cannot run here (its LoftQ quantizes with bitsandbytes on CUDA or XPU), the row says
+``not_run`` with PEFT's reason.
 
 With ``plain=True`` (ours), the adapter then trains ``train_steps`` AdamW steps and is
 saved with ``save_as_plain_lora``; a fresh base model loads it, and the row records the
@@ -40,21 +42,25 @@ def _config(spec: dict, init: Any, **extra):
 
 
 def _peft(spec: dict, model, ids: torch.Tensor | None) -> dict[str, Any]:
-    """PEFT's own path for the method; returns the row's fields."""
+    """PEFT's own path for the method, its data-aware ones chosen by the statistics they read
+    (PEFT's CorDA reads the input covariance, LoRA-GA the gradient, EVA the input moments)
+    and LoftQ by its quantized base (NF4, PEFT's default); returns the row's fields."""
     from peft import get_peft_model
 
     import loram_ref
+    from loram_ref import Statistics
 
-    value = loram_ref.get_initializer(spec["method"]).peft_init
+    spec_ = loram_ref.get_initializer(spec["method"])
+    value, kind = spec_.peft_init, spec_.statistics
     batches = [] if ids is None else [ids[i:i + spec["batch_size"]] for i in range(0, len(ids), spec["batch_size"])]
-    if value == "corda":
+    if kind is Statistics.INPUT_COVARIANCE:
         from peft.tuners.lora.config import CordaConfig
         from peft.tuners.lora.corda import preprocess_corda
 
         config = _config(spec, value, corda_config=CordaConfig(corda_method="ipm"))
         preprocess_corda(model, config, run_model=lambda: [model(input_ids=ids[i:i + 1]) for i in range(len(ids))])
         return {"peft_model": get_peft_model(model, config)}
-    if value == "lora_ga":
+    if kind is Statistics.GRADIENT:
         from peft import LoraGAConfig
         from peft.tuners.lora.loraga import preprocess_loraga
 
@@ -66,7 +72,7 @@ def _peft(spec: dict, model, ids: torch.Tensor | None) -> dict[str, Any]:
 
         preprocess_loraga(model, config, train_step)
         return {"peft_model": get_peft_model(model, config)}
-    if value == "eva":
+    if kind is Statistics.INPUT_MOMENTS:
         from peft import EvaConfig
         from peft.tuners.lora.eva import initialize_lora_eva_weights
 
@@ -75,6 +81,10 @@ def _peft(spec: dict, model, ids: torch.Tensor | None) -> dict[str, Any]:
                                     prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None,
                                     show_progress_bar=False)
         return {"peft_model": peft_model}
+    if spec_.invariant is loram_ref.Invariant.QUANTIZED:
+        from peft import LoftQConfig
+
+        return {"peft_model": get_peft_model(model, _config(spec, value, loftq_config=LoftQConfig(loftq_bits=4)))}
     return {"peft_model": get_peft_model(model, _config(spec, value))}
 
 
@@ -137,8 +147,13 @@ def measure(spec: dict) -> dict[str, Any]:
            "rank": spec["rank"], "alpha": spec["alpha"], "dtype": spec.get("dtype", "float32"),
            "threads": torch.get_num_threads(), "targets": ",".join(spec["targets"])}
     t0 = time.perf_counter()
-    with cpu_peak() as peak:
-        found = (_ours if spec["mode"] == "ours" else _peft)(spec, model, ids)
+    try:
+        with cpu_peak() as peak:
+            found = (_ours if spec["mode"] == "ours" else _peft)(spec, model, ids)
+    except Exception as exc:  # PEFT's own path refusing this machine (LoftQ needs bitsandbytes on a GPU)
+        if spec["mode"] == "ours":
+            raise
+        return {**row, "status": "not_run", "reason": f"PEFT: {type(exc).__name__}: {exc}"[:500]}
     row["seconds"] = time.perf_counter() - t0
     row["peak_cpu_extra_bytes"] = peak.extra_bytes
     row["peak_method"] = peak.method
