@@ -1,6 +1,7 @@
-"""The adoption API (``loram_ref.peft``) on a tiny causal LM made here, with real PEFT and
-transformers: every initializer through ``initialize``, a few optimizer steps, the plain
-LoRA on a fresh base, ``merge_and_unload``, a ``transformers.Trainer`` run, bad input.
+"""The adoption API (``loram_ref.peft``) on a tiny causal LM made from a seed
+(``bench.adopt.models.tiny_llama``: no files), with real PEFT and transformers: every
+initializer through ``initialize``, a few optimizer steps, the plain LoRA on a fresh base,
+``merge_and_unload``, a ``transformers.Trainer`` run, bad input.
 
 Tolerances (fp32 models): logits of a function-preserving or zero-product init equal the
 base model's to 1e-5 (the residual's fp32 rounding, through two decoder layers); the plain
@@ -22,30 +23,23 @@ pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 import loram_ref  # noqa: E402
+from bench.adopt.models import TINY_VOCAB, tiny_llama, train_steps  # noqa: E402
 from loram_ref import Invariant  # noqa: E402
 from loram_ref.peft import collect_statistics, initialize, plain_adapter, save_as_plain_lora  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-VOCAB = 64
 LOGITS_TOL = 1e-5
 PLAIN_TOL = 1e-4
 
 
 def tiny_lm(seed: int = 0, dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model.to(dtype).eval()
+    return tiny_llama(seed, dtype)
 
 
 def token_ids(count: int = 16, length: int = 12, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, TINY_VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))
 
 
 def lora(model, **kw):
@@ -66,17 +60,8 @@ def base_weights(model) -> dict[str, torch.Tensor]:
 
 
 def train(model, ids, steps: int = 3, lr: float = 1e-2) -> None:
-    params = [p for p in model.parameters() if p.requires_grad]
-    assert params, "nothing trains"
-    opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
-    for step in range(steps):
-        batch = ids[(step * 4) % len(ids):][:4]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    assert any(p.requires_grad for p in model.parameters()), "nothing trains"
+    train_steps(model, ids, steps, lr, batch_size=4)
 
 
 NAMES = sorted(loram_ref.INITIALIZERS)
@@ -224,7 +209,7 @@ def test_a_fan_in_fan_out_model_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=32)).eval()
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=TINY_VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=32)).eval()
     ids = token_ids()
     reference = logits(base, ids[:2])
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
@@ -306,3 +291,18 @@ def test_the_documented_example_runs(capsys):
     out = capsys.readouterr().out
     gap = float(re.search(r"logits within (\S+) of the trained model", out).group(1))
     assert "holds" in out and gap <= PLAIN_TOL
+
+
+def test_options_reach_the_initializer_and_unknown_ones_are_refused():
+    one, two = lora(tiny_lm()), lora(tiny_lm())
+    initialize(one, "pissa_rsvd", niter=1)
+    initialize(two, "pissa_rsvd", options={"niter": 1, "seed": 5})  # a keyword named like initialize's own
+    a1 = one.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    a2 = two.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert torch.equal(a1, a2)  # the per-layer generator, seeded from initialize's seed, takes precedence
+    fresh = lora(tiny_lm())
+    before = base_weights(fresh)
+    with pytest.raises(TypeError, match="niterations"):
+        initialize(fresh, "pissa_rsvd", niterations=3)
+    after = base_weights(fresh)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # refused before any layer was written

@@ -52,3 +52,17 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no model.layers to shard block by block")
     return list(layers)
+
+
+def train_steps(model, ids: torch.Tensor, steps: int, lr: float, batch_size: int = 2) -> None:
+    """``steps`` AdamW steps on consecutive batches of ``ids`` (wrapping around), over the
+    parameters that train; the model is left in eval mode. The adapter moves, so what is
+    checked after it is a trained adapter, not its initialization."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for step in range(steps):
+        batch = ids[(batch_size * step) % len(ids):][:batch_size]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.adopt.models import decoder_layers, load_model, token_ids
+from bench.adopt.models import decoder_layers, load_model, token_ids, train_steps
 from bench.core.measure import cpu_peak
 
 
@@ -77,15 +77,7 @@ def _one(method: str, plan: dict, mesh, device: str, out: Path) -> tuple[dict, d
         gathered[target.module] = (a, b, w)
     with torch.no_grad():
         init_logits = peft_model(input_ids=ids[:2]).logits.float().cpu()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=plan.get("train_lr", 1e-2))
-    peft_model.train()
-    for step in range(plan.get("steps", 2)):
-        batch = ids[(2 * step) % len(ids):][:2]
-        peft_model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    peft_model.eval()
+    train_steps(peft_model, ids, plan.get("steps", 2), plan.get("train_lr", 1e-2))
     with torch.no_grad():
         trained_logits = peft_model(input_ids=ids[:2]).logits.float().cpu()
     plain = save_as_plain_lora(peft_model, out / f"plain-{method}")

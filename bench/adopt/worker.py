@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from bench.adopt.models import load_model
+from bench.adopt.models import load_model, train_steps
 from bench.core.measure import cpu_peak
 
 
@@ -108,15 +108,7 @@ def _plain(spec: dict, peft_model, ids: torch.Tensor, dtype: torch.dtype) -> dic
 
     from loram_ref.peft import save_as_plain_lora
 
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.get("train_lr", 1e-4))
-    peft_model.train()
-    for step in range(spec.get("train_steps", 2)):
-        batch = ids[(2 * step) % len(ids):][:2]
-        peft_model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    peft_model.eval()
+    train_steps(peft_model, ids, spec.get("train_steps", 2), spec.get("train_lr", 1e-4))
     probe = ids[:2]
     with torch.no_grad():
         trained = peft_model(input_ids=probe).logits.float()

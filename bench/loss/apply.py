@@ -31,7 +31,7 @@ def apply_initializer(
 ) -> list[LayerReport]:
     """Initialize every LoRA layer of ``model`` with loram_ref's ``name`` from statistics the
     benchmark collected and measured (``bench.loss.stats_pass``); one report per layer."""
-    report = initialize(model, name, adapter_name=adapter, seed=seed, stats=stats, **dict(options or {}))
+    report = initialize(model, name, adapter_name=adapter, seed=seed, stats=stats, options=options)
     return list(report.layers)
 
 

@@ -35,7 +35,6 @@ from torch.nn.utils import parametrize
 
 from ..registry import InitializerSpec, Invariant, get_initializer
 from ..statistics import CollectContext
-from ..statistics.collect import causal_lm_loss
 from ..statistics.kinds import derive
 from ..statistics.moments import collect_moments_from
 from .checks import Norms, layer_norms
@@ -217,22 +216,17 @@ def collect_statistics(model, method: str, data: Any, *, adapter_name: str = "de
                          "η = lr / (warmup_ratio · batches per epoch), docs/initializers.md §3)")
     found = targets(model, adapter_name)
     layers = {t.name: t.base for t in found}
-    seen = [0]
-
-    def on_batch(samples: int) -> None:
-        seen[0] = samples
-        if progress:
-            print(f"\r{method}: statistics pass, {samples} samples", end="", file=sys.stderr, flush=True)
-
+    on_batch = (lambda samples: print(f"\r{method}: statistics pass, {samples} samples", end="", file=sys.stderr,
+                                      flush=True)) if progress else None
     t0 = time.perf_counter()
     with model.disable_adapter():
         sums = collect_moments_from(model, steps(model, data, batch_size=batch_size, loss_fn=loss_fn), layers,
                                     kind.needs, max_samples=max_samples, on_batch=on_batch)
     if progress:
         print(file=sys.stderr)
-    samples = seen[0]
+    samples = next(iter(sums.values())).samples
     ctx = CollectContext(batch_size=batch_size, lr=lr if lr is not None else 0.0, num_train=num_train or samples,
-                         warmup_ratio=warmup_ratio, loss_fn=causal_lm_loss)
+                         warmup_ratio=warmup_ratio)
     stats, meta = derive(kind, sums, ctx)
     return stats, {**meta, "pass_seconds": time.perf_counter() - t0, "kind": kind.name}
 
@@ -360,7 +354,7 @@ def initialize(model, method: str, *, adapter_name: str = "default", data: Any =
                stats: dict[str, Any] | None = None, batch_size: int = 8, lr: float | None = None,
                num_train: int | None = None, warmup_ratio: float = 0.02, loss_fn: LossFn | None = None,
                max_samples: int | None = None, verify: bool = True, progress: bool | Callable[[str], None] = False,
-               **options: Any) -> InitReport:
+               options: dict[str, Any] | None = None, **more_options: Any) -> InitReport:
     """Initialize ``model``'s LoRA adapter ``adapter_name`` with the registered initializer
     ``method``, in place (the module docstring); returns an :class:`InitReport`.
 
@@ -378,9 +372,12 @@ def initialize(model, method: str, *, adapter_name: str = "default", data: Any =
         verify: measure each layer's invariant (``loram_ref.peft.checks``); False skips the
             checks.
         progress: True prints one line per layer to stderr; a callable receives each line.
-        options: the initializer's own keywords (``niter=8`` for ``pissa_rsvd``, ``mode="kpm"``
-            for ``corda``; ``loram-bench list`` and each function's docstring name them).
+        more_options: the initializer's own keywords (``niter=8`` for ``pissa_rsvd``,
+            ``mode="kpm"`` for ``corda``; ``loram-bench list`` and each function's docstring
+            name them); ``options`` takes them as a dict, for one named like a parameter of
+            ``initialize`` (an initializer's own ``seed``).
     """
+    options = {**(options or {}), **more_options}
     spec = get_initializer(method)
     found = targets(model, adapter_name)
     _check_targets(spec, found, adapter_name)

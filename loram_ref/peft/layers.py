@@ -132,6 +132,8 @@ def full_value(value: torch.Tensor) -> torch.Tensor:
 def write(param: torch.Tensor, value: torch.Tensor) -> None:
     """Copy ``value`` (the parameter's whole shape, or a DTensor of it) into ``param`` in place,
     cast to the parameter's dtype."""
+    if tuple(value.shape) != tuple(param.shape):
+        raise RuntimeError(f"a {tuple(value.shape)} value cannot fill a {tuple(param.shape)} parameter")
     if is_distributed(param):
         local = param.to_local()
         if is_distributed(value) and value.placements == param.placements:
@@ -139,10 +141,7 @@ def write(param: torch.Tensor, value: torch.Tensor) -> None:
         else:
             local.copy_(_local_block(param, full_value(value)))
         return
-    value = full_value(value)  # a DTensor value into a plain parameter: the whole of it
-    if tuple(value.shape) != tuple(param.shape):
-        raise RuntimeError(f"a {tuple(value.shape)} value cannot fill a {tuple(param.shape)} parameter")
-    param.copy_(value)
+    param.copy_(full_value(value))  # a DTensor value into a plain parameter: the whole of it
 
 
 @torch.no_grad()
