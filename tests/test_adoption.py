@@ -306,3 +306,13 @@ def test_options_reach_the_initializer_and_unknown_ones_are_refused():
         initialize(fresh, "pissa_rsvd", niterations=3)
     after = base_weights(fresh)
     assert all(torch.equal(before[k], after[k]) for k in before)  # refused before any layer was written
+
+
+def test_max_samples_stops_the_pass_and_progress_is_reported(capsys):
+    ids = token_ids(count=12)
+    model = lora(tiny_lm())
+    _, meta = collect_statistics(model, "eva", ids, batch_size=4, max_samples=5, progress=True)
+    assert meta["samples"] == 8  # the batch that crosses the limit counts whole
+    assert "eva: statistics pass, 8 samples" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no batches"):
+        collect_statistics(model, "eva", [])

@@ -97,3 +97,20 @@ def test_init_adapter_refuses_what_it_cannot_do(tmp_path, capsys):
     assert main(["init-adapter", "--initializer", "olora", "--rank", "4", "--target-modules", "nope",
                  "--out", str(tmp_path)]) == 2
     assert "not a linear layer" in capsys.readouterr().err
+
+
+def test_init_adapter_keeps_an_adapter_already_written(tmp_path, capsys):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    assert main(["init-adapter", "--initializer", "olora", "--rank", "4", "--out", str(tmp_path)]) == 2
+    assert "already holds an adapter" in capsys.readouterr().err
+
+
+def test_adopt_cost_on_the_embedded_model(tmp_path, capsys):
+    code = main(["adopt-cost", "--initializers", "noise_zeros", "--rank", "4", "--target-modules", "q_proj",
+                 "--samples", "2", "--seq-len", "16", "--no-plain", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "adopt.jsonl").read_text().splitlines()]
+    assert [(r["mode"], r["status"]) for r in rows] == [("ours", "ok"), ("peft", "ok")]
+    assert rows[0]["layers"] == 30 and rows[0]["invariant_holds"] is True
+    assert "noise_zeros" in capsys.readouterr().out
