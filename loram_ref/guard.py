@@ -38,9 +38,10 @@ def _as_float(value: object) -> object:
 
 
 def check_finite_result(init: LoraInit, dtype: torch.dtype) -> LoraInit:
-    """Refuse factors with NaN or Inf (they are small: r·(m+n) entries)."""
+    """Refuse factors with NaN or Inf (they are small: r·(m+n) entries; one sum each in the
+    common case, :func:`loram_ref.validation.is_finite`)."""
     for label, tensor in (("A", init.A), ("B", init.B), ("R", init.R)):
-        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+        if tensor is not None and not is_finite(tensor if tensor.dim() == 2 else tensor.reshape(1, -1)):
             raise ValueError(f"{init.method} produced non-finite {label} for a {dtype} weight; "
                              + _advice(dtype))
     return init

@@ -14,7 +14,7 @@ from .registry import Invariant, PublishedScaling, Statistics, register
 from .result import LoraInit
 from .work import sign_update_rsvd
 from .statistics.types import LoraSBStats
-from .validation import check_inputs, check_positive_int, resolve_generator
+from .validation import check_inputs, check_positive_int, resolve_generator, squared_norm
 
 
 def _rescaled(init: LoraInit, factor: float) -> LoraInit:
@@ -109,9 +109,10 @@ def lora_sb(
     niter = check_positive_int(niter, "niter", minimum=0)
     if not isinstance(stats, LoraSBStats):
         raise TypeError(f"stats must be a LoraSBStats (the update approximation), got {type(stats).__name__}")
-    stats.validate(tuple(weight.shape))
+    stats.validate(tuple(weight.shape), finite=False)
+    update = stats.update.to(device=weight.device)  # any float dtype: the SVD up-casts it block by block
+    update_sq_norm = squared_norm(update, "stats.update")  # ‖ΔW‖², one read; also the NaN/Inf check
     gen = resolve_generator(generator, weight.device, seed)
-    update = stats.update.to(device=weight.device, dtype=torch.float32)
     if official_draw:  # the official code's unused R = torch.randn(d_out, r) before svd_lowrank
         torch.randn(weight.shape[0], rank, generator=gen, device=weight.device, dtype=torch.float32)
     p, sigma, q = randomized_svd(update.mT, rank, niter, gen)  # ΔWᵀ ≈ P diag(σ) Qᵀ
@@ -125,5 +126,5 @@ def lora_sb(
         R=r.to(weight.dtype),
         scaling=scaling,
         info={"niter": niter, "round_bf16": round_bf16, "official_draw": official_draw, "sigma_1": float(sigma[0]),
-              "captured_energy": float(sigma.double().square().sum()) / max(float(update.double().square().sum()), 1e-300)},
+              "captured_energy": float(sigma.double().square().sum()) / max(update_sq_norm, 1e-300)},
     )

@@ -33,9 +33,9 @@ def loram_gain(weight_sq_norm: float, shape: tuple[int, int], rank: int) -> tupl
 ZERO_WEIGHT = ("weight is all zeros: LoRAM's amplitude β = (Q·‖W‖²/r)^¼ is 0, which gives a dead adapter (A = B = 0, both "
                "gradients vanish); use a noise-zeros initializer for a zero weight")
 
-#: Elements per block of the norm pass: few enough blocks that a passive OpenMP pool's
-#: wake-ups do not add up (4 Mi: 56 blocks at 28672 x 8192), and a bf16 block is read in
-#: place (no up-cast copy).
+#: Elements per up-cast block of an fp16 norm pass (:func:`loram_ref.validation.squared_norm`;
+#: the other dtypes take one row-norm kernel): few enough blocks that a passive OpenMP pool's
+#: wake-ups do not add up (4 Mi: 56 blocks at 28672 x 8192).
 NORM_BLOCK_ELEMENTS = 1 << 22
 
 
@@ -93,7 +93,7 @@ def _loram(
     # r = 1 gives Q = 0, β = 0: a dead adapter (docs/initializers.md §5); NaN/Inf are caught by the norm pass
     scaling = check_inputs(weight, rank, scaling, check_input=False, min_rank=2)
     m, n = weight.shape
-    # pass 1 over W (also the NaN/Inf check), in blocks no larger than the factors
+    # pass 1 over W (also the NaN/Inf check): its row norms, no up-cast copy
     sq_norm = squared_norm(weight, block_elements=max(rank * (m + n), NORM_BLOCK_ELEMENTS))
     if sq_norm == 0.0:
         raise ValueError(ZERO_WEIGHT)
@@ -133,10 +133,10 @@ def loram_dst(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, inplace:
           separate magnitude knob (Prop. 1; docs/initializers.md §5 step 4). The residual uses the given s.
         * ``ν`` is the paper's mean square, not ``torch.var`` (docs/initializers.md §5 "Dtype").
         * ``rank >= 2`` is required: r = 1 makes Q = 0 and both factors zero.
-        * Memory: ``‖W‖_F`` is accumulated over row blocks of ``max(r·(m+n), 2²⁰)``
-          entries (a bf16 ``W`` is up-cast one block at a time, never whole) and the
-          residual is one in-place ``addmm_``; with ``inplace=True`` the extra memory is
-          the O((m+n)·r) bases and factors plus that block. Passes over ``W``: one read
+        * Memory: ``‖W‖_F²`` is the float64 sum of W's squared row norms (one kernel that
+          reads W at the read bandwidth; an fp16 ``W`` is up-cast one block at a time,
+          never whole) and the residual is one in-place ``addmm_``; with ``inplace=True``
+          the extra memory is the O((m+n)·r) bases and factors (and an fp16 block). Passes over ``W``: one read
           for the norm and one read and write for the residual (the rank-r GEMM): the
           hardware floor of the method. A NaN/Inf in ``W`` is caught by the norm pass, an
           all-zero ``W`` is refused (β = 0), and where the entry bound ‖W‖_F + s·max‖B_i‖·

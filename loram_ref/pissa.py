@@ -11,7 +11,7 @@ from .linalg import randomized_svd
 from .registry import FULL_SVD, Invariant, PublishedScaling, register
 from .result import LoraInit
 from .work import full_svd, randomized_svd_work
-from .residual import finish, work_copy
+from .residual import finish, streamed_residual, work_copy
 from .validation import check_inputs, check_positive_int, check_scaling, check_shape, resolve_generator
 
 _PAPER = "Meng, Wang & Zhang 2024, PiSSA (arXiv 2404.02948); PEFT pissa_init"
@@ -170,11 +170,20 @@ def pissa_rsvd(
     PEFT's ``torch.svd_lowrank`` draw. Default ``niter=4`` is the PiSSA authors' example
     (the training scripts use 16). Invariant (F) holds exactly; only the subspace is
     approximate.
+
+    Memory: the decomposition only multiplies by W, so W is read in row blocks, each
+    up-cast to fp32 in one reused buffer (``2·niter + 2`` reads), and the residual is
+    written block by block (:func:`loram_ref.residual.streamed_residual`): extra memory
+    O((m+n)·r) plus one block, never an fp32 copy of W. The arithmetic is PEFT's fp32
+    arithmetic on the exactly up-cast W; only the order of the fp32 sums differs from one
+    GEMM over the whole matrix.
     """
     scaling = check_inputs(weight, rank, scaling, check_input=check_input)
     niter = check_positive_int(niter, "niter", minimum=0)
     gen = resolve_generator(generator, weight.device, seed)
-    work = work_copy(weight, inplace)
-    u_r, s_r, v_r = randomized_svd(work, rank, niter, gen)
+    u_r, s_r, v_r = randomized_svd(weight, rank, niter, gen)  # W streamed in up-cast row blocks: no fp32 copy
+    a, b = _split_triplets(u_r, s_r, v_r.mT.contiguous(), scaling)
+    residual = streamed_residual(weight, b, a, scaling, inplace, "pissa_rsvd")  # step 5, block by block
     info = {"svd": "randomized", "niter": niter, "oversampling": 0}
-    return _pissa_factors("pissa_rsvd", weight, work, u_r, s_r, v_r.mT.contiguous(), scaling, inplace, info)
+    return LoraInit(method="pissa_rsvd", A=a.to(weight.dtype), B=b.to(weight.dtype), scaling=scaling,
+                    residual=residual, info=info)

@@ -4,12 +4,12 @@ the harness turns it into a per-cell hardware floor with measured bandwidths and
 throughput (``bench.initcost.calibrate``), so the report can say how far each initializer is from
 the machine, not only how long it took.
 
-Floor model (the loram issue's definition, generalized): ``t_floor = read_bytes / read_bw +
-max(rw_bytes / rw_bw, flops / gemm_rate)``: one read pass cannot overlap the write-back it
-feeds, while the write-back and the arithmetic can overlap each other. ``gemm_rate`` is
-the throughput of the kind of GEMM the algorithm runs: a rank-r update for the one-pass
-methods, a large square GEMM for the decompositions (an optimistic floor for an SVD,
-which does not run at GEMM speed).
+Floor model: ``t_floor = read_bytes / read_bw + max(rw_bytes / rw_bw, flops / gemm_rate)``:
+one read pass cannot overlap the write-back it feeds, while the write-back and the
+arithmetic can overlap each other. ``gemm_rate`` is the throughput of the kind of GEMM the
+algorithm runs (:data:`GEMM_KINDS`): a rank-r update in the weight's dtype for the one-pass
+methods, rank-q fp32 products for the randomized SVDs, a large square GEMM for the full
+decompositions (an optimistic floor for an SVD, which does not run at GEMM speed).
 """
 
 from __future__ import annotations
@@ -18,13 +18,35 @@ from dataclasses import dataclass
 from typing import Callable
 
 
+#: The kinds of GEMM a floor's arithmetic is charged at, each calibrated on its own
+#: (``bench.initcost.calibrate``):
+#:
+#: * ``lowrank``: a rank-r update ``W += B·A`` in the weight's dtype, in place over W in memory
+#:   (LoRAM's residual);
+#: * ``projection``: rank-q products ``W·X`` and ``Wᵀ·Y`` in fp32 on row blocks of W staged in
+#:   cache (the randomized SVD, :class:`loram_ref.linalg.RowStream`). The arithmetic is fp32
+#:   whatever W's dtype, as PEFT's is, and fp32 runs at half the bf16 rate on a CPU with
+#:   bf16 dot products (a smaller fraction on a GPU's tensor cores): charging it at the bf16
+#:   update's rate would set a floor no fp32 computation can reach;
+#: * ``square``: a large square GEMM in the weight's dtype, compute bound (the decompositions).
+GEMM_KINDS = ("lowrank", "projection", "square")
+
+
 @dataclass(frozen=True)
 class Work:
     read_bytes: float = 0.0
     rw_bytes: float = 0.0
     flops: float = 0.0
-    #: "lowrank" (a rank-r update, memory bound) or "square" (a large GEMM, compute bound)
+    #: which calibrated rate the flops run at (:data:`GEMM_KINDS`)
     gemm: str = "lowrank"
+
+    def __post_init__(self) -> None:
+        if self.gemm not in GEMM_KINDS:
+            raise ValueError(f"gemm must be one of {', '.join(GEMM_KINDS)}, got {self.gemm!r}")
+        for name in ("read_bytes", "rw_bytes", "flops"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and value != float("inf")):
+                raise ValueError(f"Work.{name} must be a finite number >= 0, got {value!r}")
 
 
 WorkModel = Callable[[int, int, int, int], Work]
@@ -52,20 +74,23 @@ def full_svd(m: int, n: int, r: int, itemsize: int) -> Work:
 
 
 def randomized_svd_work(niter: int) -> WorkModel:
-    """A rank-r randomized SVD with ``niter`` subspace iterations: 2·niter + 2 passes of a
-    rank-r GEMM over W (fp32), then the residual."""
+    """PiSSA on a rank-r randomized SVD with ``niter`` subspace iterations: ``2·niter + 2``
+    reads of W in its own dtype (each a rank-r fp32 product; W is streamed in row blocks,
+    never copied whole), then the residual: one read and write of W and one more rank-r
+    GEMM."""
 
     def model(m: int, n: int, r: int, itemsize: int) -> Work:
         passes = 2 * niter + 2
-        return Work(read_bytes=m * n * itemsize + passes * m * n * 4, rw_bytes=2 * m * n * 4,
-                    flops=passes * 2.0 * m * n * r)
+        return Work(read_bytes=passes * m * n * itemsize, rw_bytes=2 * m * n * itemsize,
+                    flops=(passes + 1) * 2.0 * m * n * r, gemm="projection")
 
     return model
 
 
 def sign_update_rsvd(m: int, n: int, r: int, itemsize: int) -> Work:
-    """LoRA-SB: a rank-r randomized SVD of the fp32 update (niter = 10: 22 GEMM passes), W untouched."""
-    return Work(read_bytes=22 * m * n * 4, flops=22 * 2.0 * m * n * r)
+    """LoRA-SB: a rank-r randomized SVD of the fp32 update (niter = 10: 22 passes, each a
+    rank-r fp32 product), one more read for ‖ΔW‖ (the captured energy), W untouched."""
+    return Work(read_bytes=23 * m * n * 4, flops=22 * 2.0 * m * n * r, gemm="projection")
 
 
 def input_space(m: int, n: int, r: int, itemsize: int) -> Work:

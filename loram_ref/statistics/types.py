@@ -37,8 +37,10 @@ class LoraSBStats:
             raise ValueError("lr, warmup_ratio, init_batches and epochs must all be > 0")
         return lr / (warmup_ratio * init_batches * epochs)
 
-    def validate(self, shape: tuple[int, int]) -> None:
-        check_shape(self.update, shape, "stats.update")
+    def validate(self, shape: tuple[int, int], *, finite: bool = True) -> None:
+        """The update's shape and dtype; and that it is finite, unless the caller's own pass
+        over it checks that (``finite=False``: :func:`loram_ref.lora_sb.lora_sb`'s norm)."""
+        check_shape(self.update, shape, "stats.update", finite=finite)
 
     @classmethod
     def synthetic(cls, m: int, n: int, generator: torch.Generator, eta_eff: float = 3.0e-7, device="cpu") -> "LoraSBStats":
