@@ -22,6 +22,7 @@ QUICK_PRESETS = ["smollm2-135m", "llama-2-7b"]
 #: Initializers the quick suite measures on its first preset's shapes only: a full
 #: decomposition of W (or of W·C, or of the input covariance), or LoRA-One's 512-column
 #: sketch, costs 13-32 s per 7B cell on 2 cores (about 160 s of the suite together), and the
-#: quick suite is CI's main job. ``loram-bench run --preset llama-2-7b``, ``continuous`` and the
-#: full suites measure their 7B cells.
-QUICK_SMALL_ONLY = ["mica", "milora", "corda", "eva", "lora_one", "loftq"]
+#: quick suite is CI's main job; the certified Krylov PiSSA falls back to a full SVD on the
+#: harness's flat Gaussian weights after a quarter of its cost. ``loram-bench run --preset
+#: llama-2-7b``, ``continuous`` and the full suites measure their 7B cells.
+QUICK_SMALL_ONLY = ["mica", "milora", "corda", "eva", "lora_one", "loftq", "pissa_krylov"]
