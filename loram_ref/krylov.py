@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .linalg import streamed_products
+from .stream import streamed_products
 from .work import svd_flops
 
 #: Krylov steps per restart cycle: basis of 2r·(DEPTH + 1) columns.
@@ -126,7 +126,7 @@ def certified_top_triplets(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Certificate]:
     """The top ``rank`` singular triplets of ``a`` and their :class:`Certificate` (module docstring).
 
-    ``a`` is read through :func:`loram_ref.linalg.streamed_products` (row blocks up-cast to
+    ``a`` is read through :func:`loram_ref.stream.streamed_products` (row blocks up-cast to
     ``dtype``; a bf16 W is never copied whole). Returns ``U`` (m x r), ``S`` (r, descending),
     ``V`` (n x r) in ``dtype`` and the certificate; when it is not certified the triplets
     are the best found, for the caller to replace.

@@ -8,7 +8,8 @@ import torch
 
 from .fidelity import angle_deg, orthonormal_rows
 from .krylov import DEPTH, PRECISE_DEPTH, TOLERANCE, certified_top_triplets, least_passes
-from .linalg import compute_dtype, randomized_svd
+from .linalg import randomized_svd
+from .stream import compute_dtype
 from .registry import FULL_SVD, Invariant, PublishedScaling, register
 from .result import LoraInit
 from .work import Work, full_svd, randomized_svd_work

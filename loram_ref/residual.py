@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .guard import check_residual
-from .linalg import RowStream
+from .stream import RowStream
 
 
 def work_copy(weight: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -48,7 +48,7 @@ def streamed_residual(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor, sc
     Per entry the arithmetic of :func:`work_copy` + ``addmm_`` + :func:`finish`: the block is
     up-cast (exactly), ``s·B_b·A`` is subtracted in fp32 with ``B`` and ``A`` in fp32, and
     the result is rounded to W's dtype once. Extra memory: one block per worker
-    (:class:`loram_ref.linalg.RowStream`), not an fp32 copy of W. An fp32/fp64 ``W`` takes
+    (:class:`loram_ref.stream.RowStream`), not an fp32 copy of W. An fp32/fp64 ``W`` takes
     one in-place ``addmm_`` (on a clone unless ``inplace``). ``b``, ``a``: the factors in
     the compute dtype.
     """

@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from .linalg import RowStream
+from .stream import RowStream
 
 #: Elements per block when a pass over ``W`` is chunked, so that temporaries (a bool
 #: mask, an fp32 up-cast of a bf16 block) stay at a fixed 16 MiB-ish size instead of
@@ -68,7 +68,7 @@ def squared_norm(weight: torch.Tensor, name: str = "weight", block_elements: int
       slow conversion path on CPU (20x the read).
     * float16: its norm kernel has no vectorized path on CPU (7x the read) and a row norm
       above 65504 would overflow, so row blocks of ``block_elements`` entries are up-cast
-      into one fp32 buffer (:class:`loram_ref.linalg.RowStream`) and normed there.
+      into one fp32 buffer (:class:`loram_ref.stream.RowStream`) and normed there.
 
     Doubles as the finiteness check of the methods that need the norm anyway (LoRAM,
     LoRA-SB's captured energy): a NaN/Inf anywhere in ``W`` makes the sum non-finite.

@@ -24,7 +24,7 @@ from typing import Callable
 #: * ``lowrank``: a rank-r update ``W += B·A`` in the weight's dtype, in place over W in memory
 #:   (LoRAM's residual);
 #: * ``projection``: rank-q products ``W·X`` and ``Wᵀ·Y`` in fp32 on row blocks of W staged in
-#:   cache (the randomized SVD, :class:`loram_ref.linalg.RowStream`). The arithmetic is fp32
+#:   cache (the randomized SVD, :class:`loram_ref.stream.RowStream`). The arithmetic is fp32
 #:   whatever W's dtype, as PEFT's is, and fp32 runs at half the bf16 rate on a CPU with
 #:   bf16 dot products (a smaller fraction on a GPU's tensor cores): charging it at the bf16
 #:   update's rate would set a floor no fp32 computation can reach;

@@ -421,8 +421,10 @@ def _edited_copy(tmp_path: Path, module: str, name: str = "tree") -> Path:
     ("noise.py", {"noise_zeros", "gaussian"}),
     ("bases.py", {"loram_dst", "loram_rorth"}),              # a module only LoRAM imports
     # the randomized SVD's users (fidelity included), and what imports PiSSA's helpers (the minor triplets)
-    ("linalg.py", {"pissa", "pissa_rsvd", "lora_sb", "lora_da", "lora_ga", "lora_one", "milora", "mica"}),
-    ("residual.py", {"pissa", "pissa_rsvd", "milora", "mica", "olora", "corda", "lora_ga"}),  # the W-rewriting ones
+    ("linalg.py", {"pissa", "pissa_rsvd", "pissa_krylov", "lora_sb", "lora_da", "lora_ga", "lora_one", "milora", "mica"}),
+    ("krylov.py", {"pissa", "pissa_rsvd", "pissa_krylov", "milora", "mica"}),  # imported by PiSSA's module
+    ("residual.py", {"pissa", "pissa_rsvd", "pissa_krylov", "milora", "mica", "olora", "corda", "lora_ga"}),
+    ("stream.py", set(loram_ref.INITIALIZERS)),              # imported by validation, so by every method
     ("validation.py", set(loram_ref.INITIALIZERS)),          # imported by every method
     ("__init__.py", set(loram_ref.INITIALIZERS)),            # the package itself
 ])

@@ -1,4 +1,4 @@
-"""Products streamed over row blocks (``loram_ref.linalg.RowStream``) and what is built on them:
+"""Products streamed over row blocks (``loram_ref.stream.RowStream``) and what is built on them:
 the randomized SVD, PiSSA's residual, LoRA-SB on any update dtype, and ``squared_norm``.
 
 What must hold: the products are those of the exactly up-cast matrix, to fp32 rounding, for
@@ -16,7 +16,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import loram_ref
-from loram_ref.linalg import RowStream, principal_angles, randomized_svd, streamed_products
+from loram_ref.linalg import principal_angles, randomized_svd
+from loram_ref.stream import CPU_BLOCK_ELEMENTS, RowStream, streamed_products
 from loram_ref.residual import finish, streamed_residual, work_copy
 from loram_ref.statistics.types import LoraSBStats
 from loram_ref.validation import squared_norm
@@ -144,7 +145,7 @@ def test_the_randomized_svd_methods_never_allocate_a_full_size_fp32_copy(name):
     finally:
         torch.set_num_threads(saved)
     assert init.A.shape == (r, n)
-    assert mode.largest <= 4 * (loram_ref.linalg.CPU_BLOCK_ELEMENTS + 2 * (m + n) * r), mode.largest
+    assert mode.largest <= 4 * (CPU_BLOCK_ELEMENTS + 2 * (m + n) * r), mode.largest
     assert mode.largest < 2 * m * n  # below even a bf16 copy of W
 
 

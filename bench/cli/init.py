@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bench.cli.args import add_common_run_args, add_report_flag, check_device, parse_shape, parse_size, summary
 from bench.cli.report import report
+from bench.core.identity import SPECTRA
 
 
 def cmd_shapes(args) -> int:
@@ -59,7 +60,7 @@ def cmd_run(args) -> int:
     threads = args.threads or (torch.get_num_threads() if args.device == "cpu" else 1)
     template = Task(initializer="", d_out=1, d_in=1, rank=args.rank, warmups=args.warmups, values=args.values,
                     min_values=min(args.values, 2), value_budget_s=args.value_budget, seed=args.seed,
-                    processes=args.processes)
+                    spectrum=args.spectrum, processes=args.processes)
     if not args.preset and not args.shape:
         raise ValueError("run needs --preset or --shape (e.g. --preset llama-2-7b, --shape 28672x8192)")
     tasks = init_tasks(args.preset or [], args.initializers, rank=args.rank, dtype=args.dtype, device=args.device,
@@ -126,6 +127,9 @@ def setup_arguments(sub: argparse._SubParsersAction, names: list[str], **_) -> N
     p.add_argument("--memory-limit", type=parse_size, default=None, metavar="SIZE",
                    help="cap each worker's extra memory (e.g. 8GiB, 512MiB); an allocation beyond it is recorded as 'oom'")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weight")
+    p.add_argument("--spectrum", choices=SPECTRA, default=SPECTRA[0],
+                   help="the weight's spectrum: flat (i.i.d. N(0, 1/d_in) entries) or spiked (a decaying top above the "
+                        "bulk, the layer task's W: where a top-r solver can beat a full SVD)")
     add_report_flag(p)
     add_common_run_args(p)
     p.set_defaults(func=cmd_run)

@@ -14,21 +14,25 @@ import hashlib
 import json
 from typing import Any, Mapping
 
-IDENTITY_FIELDS: tuple[str, ...] = ("initializer", "d_out", "d_in", "rank", "scaling", "dtype", "device", "threads", "options")
+IDENTITY_FIELDS: tuple[str, ...] = ("initializer", "d_out", "d_in", "rank", "scaling", "dtype", "device", "threads",
+                                    "spectrum", "options")
 SHAPE_FIELDS: tuple[str, ...] = ("d_out", "d_in")
 FAMILY_FIELDS: tuple[str, ...] = tuple(f for f in IDENTITY_FIELDS if f not in SHAPE_FIELDS)
 #: A family without the initializer: the cells drawn together in one view of a chart.
 VIEW_FIELDS: tuple[str, ...] = tuple(f for f in FAMILY_FIELDS if f != "initializer")
 
 
+#: The spectra an init cell's weight can have (``bench.core.weights``; the first is the default).
+SPECTRA = ("flat", "spiked")
 #: Values a hand-made or old row may leave out (the defaults of ``bench.initcost.tasks.Task``).
-DEFAULTS: dict[str, Any] = {"scaling": 1.0, "dtype": "float32", "device": "cpu", "threads": 2, "options": {}}
+DEFAULTS: dict[str, Any] = {"scaling": 1.0, "dtype": "float32", "device": "cpu", "threads": 2, "spectrum": "flat",
+                           "options": {}}
 
 
 def _get(obj: Any, name: str) -> Any:
     if isinstance(obj, Mapping):
         return obj[name] if name in obj or name not in DEFAULTS else DEFAULTS[name]
-    return getattr(obj, name)
+    return getattr(obj, name, DEFAULTS[name]) if name in DEFAULTS else getattr(obj, name)
 
 
 def parse_options(value: Any) -> dict[str, Any]:
@@ -51,6 +55,7 @@ def identity(obj: Any) -> dict[str, Any]:
         "dtype": str(_get(obj, "dtype")),
         "device": str(_get(obj, "device")),
         "threads": int(_get(obj, "threads")),
+        "spectrum": str(_get(obj, "spectrum")),
         "options": parse_options(_get(obj, "options")),
     }
 
@@ -62,8 +67,13 @@ def digest(fields: Mapping[str, Any]) -> str:
 
 
 def cell_key(obj: Any) -> str:
-    """The :func:`digest` of :func:`identity` (the ``task_key`` of init, history and gate rows)."""
-    return digest(identity(obj))
+    """The :func:`digest` of :func:`identity` (the ``task_key`` of init, history and gate rows).
+    The default spectrum (``flat``) is left out of the digest, so a cell keeps the key it
+    had before the weight's spectrum became part of the identity."""
+    ident = identity(obj)
+    if ident["spectrum"] == DEFAULTS["spectrum"]:
+        del ident["spectrum"]
+    return digest(ident)
 
 
 def _hashable(ident: dict[str, Any], fields: tuple[str, ...]) -> tuple:
@@ -87,6 +97,8 @@ def view_label(obj: Any) -> str:
     parts = [ident["device"], ident["dtype"], f"r={ident['rank']}", f"{ident['threads']} threads"]
     if ident["scaling"] != 1.0:
         parts.append(f"s={ident['scaling']:g}")
+    if ident["spectrum"] != DEFAULTS["spectrum"]:
+        parts.append(f"{ident['spectrum']} W")
     if ident["options"]:
         parts.append(json.dumps(ident["options"], sort_keys=True))
     return " · ".join(parts)

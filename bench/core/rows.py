@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from bench.core.identity import cell_key, digest
+from bench.core.identity import SPECTRA, cell_key, digest
 
 #: A check returns what is wrong with a value (``None``: nothing).
 Check = Callable[[Any], "str | None"]
@@ -255,7 +255,8 @@ PROCESS_RUN = RowSpec("process run", fields={
 INIT = RowSpec("init", required=("initializer", "d_out", "d_in", "status"), fields={
     **ENVIRONMENT, **IDENTITY, "status": one_of(*STATUSES), "reason": STR, "phase": STR, "role": STR, "preset": STR,
     "count": COUNT, "seed": INT, "warmups": COUNT, "values": COUNT, "min_values": COUNT, "value_budget_s": NUM,
-    "processes": COUNT, "max_fidelity_elements": COUNT, "predicted_s": NUM, "limit_s": NUM, "floor_s": NUM,
+    "spectrum": one_of(*SPECTRA), "processes": COUNT, "max_fidelity_elements": COUNT, "predicted_s": NUM, "limit_s": NUM,
+    "floor_s": NUM,
     "floor_ratio": NUM, "weight_bytes": COUNT, "median_s": NUM, "mean_s": NUM, "stdev_s": NUM, "min_s": NUM,
     "max_s": NUM, "first_s": NUM, "values_s": _NUMS, "first_values_s": _NUMS, "event_values_s": _NUMS,
     "peak_cpu_extra_bytes": INT, "peak_rss_bytes": COUNT, "peak_gpu_allocated_bytes": COUNT,

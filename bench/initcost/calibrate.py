@@ -117,7 +117,7 @@ def _projection_rate(dev, threads: int, cols: int, elements: int) -> float:
     """fp32 flops/s of the rank-16 product ``block @ X`` (the module docstring)."""
     import torch
 
-    from loram_ref.linalg import CPU_BLOCK_ELEMENTS
+    from loram_ref.stream import CPU_BLOCK_ELEMENTS
 
     x = torch.randn(cols, 16, device=dev)
     if dev.type != "cpu":

@@ -33,6 +33,9 @@ class Task:
     device: str = "cpu"
     threads: int = 2
     seed: int = 0
+    #: the weight's spectrum (``bench.core.weights``): flat (i.i.d. Gaussian entries), or spiked
+    #: (a decaying top above the bulk, the layer task's W)
+    spectrum: str = "flat"
     warmups: int = 1
     values: int = 5
     min_values: int = 2

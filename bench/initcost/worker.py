@@ -26,6 +26,7 @@ from bench.core.environment import worker_environment
 from bench.core.measure import CpuPeak, GpuPeak, cpu_peak, gpu_peak, timed
 from bench.core.protocol import PHASE, begin_setup, is_out_of_memory, serve
 from bench.initcost.schema import ProcessRun
+from bench.core.weights import make_weight
 from bench.initcost.tasks import Task
 from loram_ref.linalg import gram_norm_sq
 
@@ -48,9 +49,9 @@ def measurement_kwargs(spec: loram_ref.InitializerSpec) -> dict[str, Any]:
 
 
 def _make_weight(task: Task, device: torch.device) -> torch.Tensor:
-    gen = torch.Generator(device=device).manual_seed(task.seed)
-    weight = torch.empty(task.d_out, task.d_in, dtype=getattr(torch, task.dtype), device=device)
-    return weight.normal_(0.0, task.d_in**-0.5, generator=gen)  # nn.Linear-like scale
+    """The cell's W: ``N(0, 1/d_in)`` entries (nn.Linear's scale), or the spiked spectrum
+    (``bench.core.weights``), from the task's seed."""
+    return make_weight(task.d_out, task.d_in, task.seed, task.spectrum, getattr(torch, task.dtype), device)
 
 
 def _make_stats(spec: loram_ref.InitializerSpec, task: Task, device: torch.device) -> dict[str, Any]:

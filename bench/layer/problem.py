@@ -26,25 +26,14 @@ W); everything training needs is O((m+n)·k).
 
 from __future__ import annotations
 
-import hashlib
-import math
 from dataclasses import dataclass
 
 import torch
 
+from bench.core.weights import SpikedWeight, orthonormal as _orthonormal, stable_seed
 from bench.layer.spec import ALIGNMENTS, ProblemSpec
 
-
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from the parts' text (blake2b): the same on every machine and run."""
-    digest = hashlib.blake2b("::".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % (2**63 - 1)
-
-
-def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
-    """A Haar-random ``rows x cols`` orthonormal matrix (QR of a Gaussian, signs fixed by R's diagonal)."""
-    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))[None, :]).float()
+__all__ = ["LayerProblem", "Target", "TaskGradients", "stable_seed"]
 
 
 @dataclass
@@ -70,35 +59,22 @@ class LayerProblem:
         spec.validate(m, n)
         self.m, self.n, self.seed, self.spec = int(m), int(n), int(seed), spec
         self.device = torch.device(device)
-        t = spec.top_directions
-        gen = torch.Generator().manual_seed(stable_seed("directions", m, n, spec.weight_seed))
-        left = _orthonormal(m, 2 * t, gen)
-        right = _orthonormal(n, 2 * t, gen)
-        self.u_top, self.u_bottom = left[:, :t].contiguous(), left[:, t:].contiguous()
-        self.v_top, self.v_bottom = right[:, :t].contiguous(), right[:, t:].contiguous()
-        self.edge = 1.0 + math.sqrt(m / n)  # largest singular value of the bulk (N(0, 1/n) entries)
-        i = torch.arange(1, t + 1, dtype=torch.float64)
-        self.s_top = (self.edge * (1.0 + spec.top_strength * i.pow(-spec.top_decay))).float()
+        self._weight = SpikedWeight(m, n, spec.top_directions, spec.top_strength, spec.top_decay, spec.weight_seed)
+        self.u_top, self.u_bottom = self._weight.u_top, self._weight.u_bottom
+        self.v_top, self.v_bottom = self._weight.v_top, self._weight.v_bottom
+        self.edge, self.s_top = self._weight.edge, self._weight.s_top
         if spec.input_spectrum == "isotropic":
             self.input_var = torch.ones(n)
         else:
             lam = torch.arange(1, n + 1, dtype=torch.float64).pow(-spec.input_decay)
             self.input_var = (lam * (n / lam.sum())).float()  # mean 1: tr Σ = n
-        bulk_sq = (m - 2 * t) * (n - 2 * t) / n  # E‖P⊥·G·P⊥‖_F²
-        self.weight_norm = math.sqrt(float(self.s_top.double().square().sum()) + bulk_sq)  # E‖W‖_F
+        self.weight_norm = self._weight.expected_norm  # E‖W‖_F
 
     # -- the frozen weight -------------------------------------------------------------
     def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``W`` (m x n) on the problem's device: the bulk, projected off the known directions,
-        plus the top. O(m·n·(t+k)) work; the only m x n matrix of the task."""
-        gen = torch.Generator(device=self.device).manual_seed(stable_seed("bulk", self.m, self.n, self.spec.weight_seed))
-        w = torch.empty(self.m, self.n, device=self.device, dtype=torch.float32).normal_(0.0, self.n**-0.5, generator=gen)
-        u = torch.cat([self.u_top, self.u_bottom], 1).to(self.device)
-        v = torch.cat([self.v_top, self.v_bottom], 1).to(self.device)
-        w.addmm_(u, u.mT @ w, alpha=-1.0)  # (I − UUᵀ)·G
-        w.addmm_(w @ v, v.mT, alpha=-1.0)  # ·(I − VVᵀ)
-        w.addmm_(self.u_top.to(self.device) * self.s_top.to(self.device)[None, :], self.v_top.to(self.device).mT)
-        return w if dtype == torch.float32 else w.to(dtype)
+        """``W`` (m x n) on the problem's device (``bench.core.weights.SpikedWeight``). O(m·n·(t+k))
+        work; the only m x n matrix of the task."""
+        return self._weight.dense(dtype, self.device)
 
     def top_triplets(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """W's exact top-``rank`` singular triplets ``(U_r, σ_r, V_rᵀ)``."""
