@@ -4,6 +4,8 @@ the only layer that assembles reports (``reports``); the benchmarks return rows.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 from pathlib import Path
 
 from bench.cli.args import DEFAULT_OUT
@@ -23,6 +25,12 @@ def write_report(results_dir: Path, out: Path, comparison=None, title: str = "lo
 
 def report(results_dir: Path, out: Path, comparison=None, title: str = "loram-bench report",
            comparison_note: str | None = None) -> int:
+    """Write the HTML report; where plotly is not installed (a GPU image without it), say so
+    and go on: the measurements are in the results files either way."""
+    if importlib.util.find_spec("plotly") is None:
+        print(f"report: not written: plotly is not installed (pip install plotly, then `loram-bench report "
+              f"{results_dir}`)", file=sys.stderr)
+        return 1
     path = write_report(results_dir, out, comparison, title, comparison_note)
     print(f"report: {path.resolve()}")
     return 0

@@ -12,11 +12,14 @@ for them; ``init.jsonl`` keeps them.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyperf
+if TYPE_CHECKING:
+    import pyperf
 
 from bench.core.identity import identity, parse_options
 
@@ -50,7 +53,9 @@ def _metadata(row: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def _run(process: dict[str, Any], meta: dict[str, Any]) -> pyperf.Run | None:
+def _run(process: dict[str, Any], meta: dict[str, Any]) -> "pyperf.Run | None":
+    import pyperf
+
     values = [float(v) for v in process.get("values_s") or [] if v and v > 0]
     if not values:
         return None
@@ -63,7 +68,9 @@ def _run(process: dict[str, Any], meta: dict[str, Any]) -> pyperf.Run | None:
                       collect_metadata=False)
 
 
-def to_suite(rows: list[dict[str, Any]]) -> pyperf.BenchmarkSuite | None:
+def to_suite(rows: list[dict[str, Any]]) -> "pyperf.BenchmarkSuite | None":
+    import pyperf
+
     """A pyperf suite of the ok init rows (the latest row per cell); None when none has values."""
     latest: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -79,8 +86,12 @@ def to_suite(rows: list[dict[str, Any]]) -> pyperf.BenchmarkSuite | None:
 
 
 def write_pyperf(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Write ``path`` (pyperf JSON) from init rows; remove a stale one when no cell has values."""
+    """Write ``path`` (pyperf JSON) from init rows; remove a stale one when no cell has values.
+    Where pyperf is not installed (a GPU image without it still measures), a note says so."""
     path = Path(path)
+    if importlib.util.find_spec("pyperf") is None:
+        print(f"note: {path.name} not written: pyperf is not installed (pip install pyperf)", file=sys.stderr)
+        return None
     suite = to_suite(rows)
     if suite is None:
         path.unlink(missing_ok=True)
@@ -92,6 +103,8 @@ def write_pyperf(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def read_pyperf(path: Path) -> dict[str, dict[str, Any]]:
     """``task_key → {"identity", "runs": [values per process], "warmups": [cold call per process]}``
     from a pyperf file written by :func:`write_pyperf` (or by pyperf tools that keep metadata)."""
+    import pyperf
+
     suite = pyperf.BenchmarkSuite.load(str(path))
     out: dict[str, dict[str, Any]] = {}
     for bench in suite.get_benchmarks():
@@ -108,7 +121,7 @@ def read_pyperf(path: Path) -> dict[str, dict[str, Any]]:
 
 def export_init(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
     """The init rows as ``init.csv`` / ``init.json`` (``bench.core.results.export_kind``) and
-    as ``init.pyperf.json``."""
+    as ``init.pyperf.json`` (:func:`write_pyperf`)."""
     from bench.core.results import export_kind
 
     paths = export_kind(rows, out_dir, "init")
