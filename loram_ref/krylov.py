@@ -88,8 +88,10 @@ class Certificate:
     reason: str
 
     def info(self) -> dict:
-        """Flat fields for ``LoraInit.info`` (prefixed ``krylov_``)."""
-        return {f"krylov_{k}": v for k, v in asdict(self).items()}
+        """Flat fields for ``LoraInit.info`` (prefixed ``krylov_``); a bound or residual that
+        could not be shown (``inf``) is None, so results files stay strict JSON."""
+        return {f"krylov_{k}": (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in asdict(self).items()}
 
 
 def least_passes() -> int:
@@ -143,8 +145,8 @@ def certified_top_triplets(
         raise ValueError(f"max_passes must be >= 1, got {max_passes!r}")
     if block * (depth + 1) > MAX_BASIS_FRACTION * min(m, n):
         empty = Certificate(False, math.inf, math.inf, 0.0, 0, budget, 0, "shape")
-        return (torch.empty(m, rank, dtype=dtype), torch.empty(rank, dtype=dtype), torch.empty(n, rank, dtype=dtype),
-                empty)
+        zeros = dict(dtype=dtype, device=a.device)  # nothing computed: zeros, for the caller to replace
+        return torch.zeros(m, rank, **zeros), torch.zeros(rank, **zeros), torch.zeros(n, rank, **zeros), empty
 
     def products(precision: torch.dtype | None):
         times_a, times_at, used = streamed_products(a, dtype=precision)

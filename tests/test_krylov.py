@@ -9,6 +9,7 @@ says why; its arguments are checked.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -87,6 +88,10 @@ def test_a_layer_too_narrow_for_a_krylov_basis_goes_straight_to_the_full_svd():
     assert 2 * rank * 11 > MAX_BASIS_FRACTION * 576
     init = loram_ref.initialize("pissa_krylov", torch.randn(576, 576, generator=torch.Generator().manual_seed(4)), rank)
     assert init.info["svd"] == "full" and init.info["krylov_reason"] == "shape" and init.info["krylov_passes"] == 0
+    assert init.info["krylov_angle_bound"] is None  # no bound shown: null in a results file, never Infinity
+    json.dumps(init.info, allow_nan=False)
+    u, s, v, certificate = certified_top_triplets(torch.randn(576, 576), rank, torch.Generator().manual_seed(0))
+    assert not certificate.certified and not (u.any() or s.any() or v.any())  # nothing computed: zeros, never garbage
 
 
 def test_a_budget_too_small_to_certify_falls_back():
