@@ -70,6 +70,41 @@ def test_pissa_randomized_matches_peft_niter(shape, niter):
     torch.testing.assert_close(ours.residual, layer.base_layer.weight.detach(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("niter", [0, 2, 4])
+def test_pissa_randomized_on_streamed_row_blocks_agrees_with_peft(monkeypatch, dtype, niter):
+    """W spanning many row blocks (as a 70B layer spans the default 4 MiB ones), shared over two
+    workers: the fp32 products are PEFT's, summed in another order (blocks, column chunks,
+    per-worker partial sums), so the agreement is not bit for bit but within the test above's
+    1e-4 (fp32; at 2048 x 1024 to 11008 x 4096 with the default blocks the largest difference
+    in A measured 1.0e-4) and two roundings of the largest entry (bf16, as PEFT's dtype flow)."""
+    import loram_ref.stream
+
+    monkeypatch.setattr(loram_ref.stream, "CPU_BLOCK_ELEMENTS", 2048)  # 192 x 136: 13 blocks of 15 rows
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rank, alpha = 8, 16
+        weight = torch.randn(192, 136, generator=torch.Generator().manual_seed(2)).to(dtype)
+        assert loram_ref.stream.RowStream(weight).rows == 15
+        layer = _peft_layer(weight, rank, alpha)
+        torch.manual_seed(77)
+        layer.pissa_init("default", f"pissa_niter_{niter}")
+        peft_a, peft_b = _weights(layer)
+        ours = loram_ref.initialize("pissa_rsvd", weight, rank, alpha / rank, niter=niter,
+                                    generator=torch.Generator().manual_seed(77))
+    finally:
+        torch.set_num_threads(saved)
+    residual = layer.base_layer.weight.detach()
+    if dtype == torch.float32:
+        for x, y in ((ours.A, peft_a), (ours.B, peft_b), (ours.residual, residual)):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    else:
+        ulp = torch.finfo(dtype).eps
+        for x, y in ((ours.A, peft_a), (ours.B, peft_b), (ours.residual, residual)):
+            torch.testing.assert_close(x.float(), y.float(), rtol=0, atol=2 * ulp * float(y.float().abs().max()))
+
+
 def test_pissa_bf16_matches_peft_dtype_flow():
     rank = 4
     weight = torch.randn(48, 32, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
