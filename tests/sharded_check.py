@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import loram_ref
+from bench.core.torchrun import close, leave
 from bench.sharded.weights import full_weight
 from loram_ref.sharded import SHARDED, Collectives, Ledger
 
@@ -84,12 +85,9 @@ def main(out: Path) -> int:
             raise AssertionError(f"{name} accepted a NaN on rank 0's shard")
     if me == 0:
         torch.save(saved, out / f"ws{world}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    close()
     return 0
 
 
 if __name__ == "__main__":
-    from bench.sharded.worker import exit_now
-
-    exit_now(main(Path(sys.argv[1])))
+    leave(main(Path(sys.argv[1])))

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ import torch.distributed as dist
 
 from bench.adopt.models import decoder_layers, load_model, token_ids, train_steps
 from bench.core.measure import cpu_peak
+from bench.core.torchrun import close, leave
 
 
 def _mesh():
@@ -123,10 +125,12 @@ def main(argv: list[str]) -> int:
                 for row in rows:
                     fh.write(json.dumps(row, sort_keys=True) + "\n")
             torch.save(tensors, out / "gathered.pt")
-    finally:
-        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - torchrun ends the other ranks, which may wait in a collective
+        traceback.print_exc()
+        leave(1)
+    close()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    leave(main(sys.argv[1:]))

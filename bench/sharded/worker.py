@@ -37,6 +37,7 @@ from bench.core.measure import cpu_peak, gpu_peak
 from bench.core.protocol import failure_message
 from bench.core.results import append_row
 from bench.core.rows import OK
+from bench.core.torchrun import close, leave
 from bench.sharded.plugins import load_plugins
 from bench.sharded.tasks import ShardedRow, ShardedTask
 from bench.sharded.weights import full_weight, weight_block
@@ -206,23 +207,12 @@ def main(argv: list[str]) -> int:
             message["phase"] = PHASE["now"]
             message["reason"] = f"rank {me.index}: {message['reason']}"
             _event(me.progress, event="failed", task_key=task.key, peer_lost=bool(PEER_LOST.search(str(exc))), **message)
-            sys.stderr.flush()
-            os._exit(1)  # torchrun ends the other ranks, which may wait in a collective
+            leave(1)
         if row is not None:
             append_row(Path(plan["results"]), row.to_row())
-    dist.barrier(group=me.group)  # a rank leaving early makes gloo abort the others
-    dist.destroy_process_group()
+    close(me.group)
     return 0
 
 
-def exit_now(code: int) -> None:
-    """Leave without running C++ static destructors: at interpreter exit a gloo rank
-    sometimes aborts ("terminate called without an active exception": 2 of ~40 launches here),
-    which would make a launch whose every row is written look crashed."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    exit_now(main(sys.argv[1:]))
+    leave(main(sys.argv[1:]))
