@@ -58,9 +58,9 @@ class RowStream:
     product is one block per worker plus its O((m+n)·q) operands and result. The copy also
     stages an fp32 block: it streams the block from memory at the read bandwidth into the
     core's cache, where the GEMM then reads it (a GEMM reading its block from memory took
-    15 % longer: LoRA-SB's 22 passes over a 28672 x 8192 fp32 update, 2.3 s against 2.0 s). The products are those of the
-    up-cast matrix in exact arithmetic (a bf16 → fp32 cast is exact); only the order of the
-    fp32 sums differs from one GEMM over the whole matrix.
+    15 % longer: LoRA-SB's 22 passes over a 28672 x 8192 fp32 update, 2.3 s against 2.0 s).
+    The products are those of the up-cast matrix in exact arithmetic (a bf16 → fp32 cast is
+    exact); only the order of the fp32 sums differs from one GEMM over the whole matrix.
 
     On CPU the blocks are shared out over as many Python threads as torch has intra-op
     threads, each running single-threaded kernels (torch releases the GIL inside them) on
