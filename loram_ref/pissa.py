@@ -77,6 +77,25 @@ def _pissa_factors(
     )
 
 
+def _pissa_streamed(
+    name: str,
+    weight: torch.Tensor,
+    u_r: torch.Tensor,
+    s_r: torch.Tensor,
+    vh_r: torch.Tensor,
+    scaling: float,
+    inplace: bool,
+    info: dict,
+) -> LoraInit:
+    """Spec §2 steps 3-5 from W's top-r triplets in the compute dtype, with no fp32 copy of
+    ``W``: the residual is written one up-cast row block at a time
+    (:func:`loram_ref.residual.streamed_residual`)."""
+    a, b = _split_triplets(u_r, s_r, vh_r, scaling)
+    residual = streamed_residual(weight, b, a, scaling, inplace, name)  # step 5, block by block
+    return LoraInit(method=name, A=a.to(weight.dtype), B=b.to(weight.dtype), scaling=scaling, residual=residual,
+                    info=info)
+
+
 #: Niters at which pissa_rsvd's subspace is compared with the exact one (its fidelity diagnostic).
 NITERS = (0, 2, 4, 16)
 
@@ -206,10 +225,8 @@ def pissa_krylov(
     if not certificate.certified:
         return _pissa_full_svd("pissa_krylov", weight, rank, scaling, inplace, info)
     dtype = compute_dtype(weight.dtype)
-    a, b = _split_triplets(u.to(dtype), s.to(dtype), v.mT.to(dtype).contiguous(), scaling)
-    residual = streamed_residual(weight, b, a, scaling, inplace, "pissa_krylov")
-    return LoraInit(method="pissa_krylov", A=a.to(weight.dtype), B=b.to(weight.dtype), scaling=scaling,
-                    residual=residual, info=info)
+    return _pissa_streamed("pissa_krylov", weight, u.to(dtype), s.to(dtype), v.mT.to(dtype).contiguous(), scaling,
+                           inplace, info)
 
 
 @register(
@@ -255,8 +272,5 @@ def pissa_rsvd(
     niter = check_positive_int(niter, "niter", minimum=0)
     gen = resolve_generator(generator, weight.device, seed)
     u_r, s_r, v_r = randomized_svd(weight, rank, niter, gen)  # W streamed in up-cast row blocks: no fp32 copy
-    a, b = _split_triplets(u_r, s_r, v_r.mT.contiguous(), scaling)
-    residual = streamed_residual(weight, b, a, scaling, inplace, "pissa_rsvd")  # step 5, block by block
-    info = {"svd": "randomized", "niter": niter, "oversampling": 0}
-    return LoraInit(method="pissa_rsvd", A=a.to(weight.dtype), B=b.to(weight.dtype), scaling=scaling,
-                    residual=residual, info=info)
+    return _pissa_streamed("pissa_rsvd", weight, u_r, s_r, v_r.mT.contiguous(), scaling, inplace,
+                           {"svd": "randomized", "niter": niter, "oversampling": 0})
