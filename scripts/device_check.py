@@ -101,8 +101,14 @@ PLAN: tuple[Step, ...] = (
                   "8192x8192", "--initializers", "loram_dst", "noise_zeros", "--gate-unchanged", "--screen-rounds",
                   "3", "--confirm-rounds", "3", "--no-progress"), 100, result="gate.json", needs_git=True),
 )
-#: What comes back: the summary, the log, and each step's results file.
-OUTPUTS = ("device-check.json", "device-check.log", *(s.result for s in PLAN if s.result))
+
+
+def outputs(plan: tuple[Step, ...]) -> tuple[str, ...]:
+    """What comes back from ``plan``: the summary, the log, and each step's results file."""
+    return ("device-check.json", "device-check.log", *(s.result for s in plan if s.result))
+
+
+OUTPUTS = outputs(PLAN)
 
 
 @dataclass
@@ -147,9 +153,9 @@ def plan_problems(plan: tuple[Step, ...] = PLAN) -> list[str]:
     total = sum(step.limit_s for step in plan)
     if total > TOTAL_LIMIT_S:
         problems.append(f"the steps' limits sum to {total} s, over the {TOTAL_LIMIT_S} s the run may take")
-    outputs = ("device-check.json", "device-check.log", *(s.result for s in plan if s.result))
-    if len(outputs) > MAX_FILES or len(set(outputs)) != len(outputs):
-        problems.append(f"the run brings back {len(outputs)} files ({', '.join(outputs)}): at most {MAX_FILES}, "
+    back = outputs(plan)
+    if len(back) > MAX_FILES or len(set(back)) != len(back):
+        problems.append(f"the run brings back {len(back)} files ({', '.join(back)}): at most {MAX_FILES}, "
                         "each named once")
     for step in plan:
         if not step.is_cli:

@@ -69,9 +69,9 @@ def _run(process: dict[str, Any], meta: dict[str, Any]) -> "pyperf.Run | None":
 
 
 def to_suite(rows: list[dict[str, Any]]) -> "pyperf.BenchmarkSuite | None":
+    """A pyperf suite of the ok init rows (the latest row per cell); None when none has values."""
     import pyperf
 
-    """A pyperf suite of the ok init rows (the latest row per cell); None when none has values."""
     latest: dict[str, dict[str, Any]] = {}
     for row in rows:
         if row.get("kind", "init") == "init" and row.get("status") == "ok":

@@ -25,8 +25,8 @@ import loram_ref
 from bench.core.environment import worker_environment
 from bench.core.measure import CpuPeak, GpuPeak, cpu_peak, gpu_peak, timed
 from bench.core.protocol import PHASE, begin_setup, is_out_of_memory, serve
-from bench.initcost.schema import ProcessRun
 from bench.core.weights import make_weight
+from bench.initcost.schema import ProcessRun
 from bench.initcost.tasks import Task
 from loram_ref.linalg import gram_norm_sq
 

@@ -33,7 +33,7 @@ import torch
 from bench.core.weights import SpikedWeight, orthonormal as _orthonormal, stable_seed
 from bench.layer.spec import ALIGNMENTS, ProblemSpec
 
-__all__ = ["LayerProblem", "Target", "TaskGradients", "stable_seed"]
+__all__ = ["LayerProblem", "Target", "TaskGradients"]
 
 
 @dataclass

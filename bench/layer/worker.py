@@ -29,9 +29,10 @@ from bench.core.environment import loram_ref_fingerprint, worker_environment
 from bench.core.layout import reusable_heap
 from bench.core.measure import cpu_peak, gpu_peak
 from bench.core.protocol import PHASE, begin_setup, failure_message, serve
+from bench.core.weights import stable_seed
 from bench.layer.factored import AdapterState, gram_norm_sq, train_layer
 from bench.layer.floors import capacity_floor, progress_fraction, rank_floor
-from bench.layer.problem import LayerProblem, Target, stable_seed
+from bench.layer.problem import LayerProblem, Target
 from bench.layer.task import LayerTask
 from loram_ref import CollectContext, Invariant, LoraInit
 
