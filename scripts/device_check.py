@@ -234,12 +234,27 @@ def environment() -> dict:
     return info
 
 
+def complete_rows(path: Path) -> list[dict]:
+    """The JSON rows of a results file, without the line a step stopped at its limit may have
+    left half written."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.strip().startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
 def figures(step: Step, folder: Path) -> dict:
     """The figures a step's results hold that the closing note reports."""
     path = folder / step.result
     if not path.is_file() or step.name in ("tests", "gate"):
         return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip().startswith("{")]
+    rows = complete_rows(path)
     if step.name == "run":
         return {f"{r['initializer']} {r['d_out']}x{r['d_in']}": {
             k: r.get(k) for k in ("status", "median_s", "floor_s", "floor_ratio", "peak_gpu_allocated_bytes",
@@ -284,10 +299,14 @@ def run_step(step: Step, work: Path, env: dict, log, device: str = "cuda") -> Ou
     finally:
         if capture is not log:
             capture.close()
-    if step.name == "gate" and (folder / "gate.json").is_file():
-        detail = detail or ", ".join(f"{d['initializer']} {d['shape']}: {d['verdict']}"
-                                     for d in json.loads((folder / "gate.json").read_text()))
-    return Outcome(step.name, status, time.perf_counter() - started, detail, figures(step, folder))
+    try:  # the step's status stands whatever its files hold
+        if step.name == "gate" and (folder / "gate.json").is_file():
+            detail = detail or ", ".join(f"{d['initializer']} {d['shape']}: {d['verdict']}"
+                                         for d in json.loads((folder / "gate.json").read_text()))
+        found = figures(step, folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        found = {"unreadable": f"{step.result}: {type(exc).__name__}: {exc}"}
+    return Outcome(step.name, status, time.perf_counter() - started, detail, found)
 
 
 def collect(work: Path, out: Path) -> None:

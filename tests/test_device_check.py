@@ -5,12 +5,14 @@ What must hold: the plan as it stands passes its dry run (every command parses, 
 8 minutes, at most 8 files come back, every dependency is on the image, carried or optional,
 and the commands import and report without the optional ones); a broken plan or a missing
 package is named; ``--device cpu`` changes the device flags and nothing else; without pyperf
-or plotly the commands measure and say what they left out.
+or plotly the commands measure and say what they left out; a results file the check cannot
+read in full costs the rows it cannot read, never the step's status or the run's summary.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +96,29 @@ def test_bad_arguments_are_named(argv):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_check.py"), *argv], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "--wheels /no/such/folder is not a folder" in proc.stderr
+
+
+def _writer(text: str) -> tuple[str, ...]:
+    """A step's argv that writes ``text`` into ``init.jsonl`` in its folder, then exits 0."""
+    return (sys.executable, "-c", f"open('init.jsonl', 'w').write({text!r})")
+
+
+def test_a_results_line_cut_by_a_stopped_step_costs_that_row_only(tmp_path):
+    whole = '{"initializer": "loram_dst", "d_out": 8, "d_in": 8, "status": "ok", "floor_ratio": 1.1}\n'
+    step = device_check.Step("run", _writer(whole + '{"initializer": "lor'), 30, result="init.jsonl")
+    with (tmp_path / "log").open("w") as log:
+        outcome = device_check.run_step(step, tmp_path, dict(os.environ), log)
+    assert outcome.status == "ok"
+    assert outcome.figures == {"loram_dst 8x8": {"status": "ok", "median_s": None, "floor_s": None,
+                                                 "floor_ratio": 1.1, "peak_gpu_allocated_bytes": None,
+                                                 "cuda_event_gap": None, "calib_read_GBps": None,
+                                                 "calib_rw_GBps": None, "calib_lowrank_GFLOPs": None,
+                                                 "calib_projection_GFLOPs": None}}
+
+
+def test_results_the_check_cannot_read_are_named_and_the_step_keeps_its_status(tmp_path):
+    step = device_check.Step("run", _writer('{"initializer": "loram_dst", "status": "ok"}\n'), 30, result="init.jsonl")
+    with (tmp_path / "log").open("w") as log:
+        outcome = device_check.run_step(step, tmp_path, dict(os.environ), log)
+    assert outcome.status == "ok"
+    assert set(outcome.figures) == {"unreadable"} and "init.jsonl: KeyError" in outcome.figures["unreadable"]
